@@ -1,0 +1,1 @@
+"""File formats: references, lazy checkpoint reading, PEFT adapters, sharded writing, assets."""

@@ -1,0 +1,13 @@
+"""Repair methods: one module each, pure tensor functions plus a registry entry."""
+
+from deltafix.methods.registry import (
+    Method,
+    MethodParams,
+    Repaired,
+    WeightTensors,
+    get_method,
+    method_names,
+    register,
+)
+
+__all__ = ["Method", "MethodParams", "Repaired", "WeightTensors", "get_method", "method_names", "register"]

@@ -1,0 +1,108 @@
+"""The method registry: a name -> ``Method`` table that the pipeline and the CLI read.
+
+A method is a pure function over the tensors of one weight (plus, for Hessian methods, that
+weight's input Gram matrices). Adding one is a new file under ``methods/`` that calls
+``register``; nothing in the CLI or the pipeline changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from deltafix.errors import OptionError
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass
+class WeightTensors:
+    """One weight as the methods see it: fp32 tensors on the compute device.
+
+    ``aligned`` is W_A, ``finetuned`` W_F, ``unaligned`` W_P (None without ``--unaligned``).
+    ``is_linear`` marks 2-D ``nn.Linear`` weights inside decoder layers, shape (out, in); the
+    methods edit those and apply their ``other_params`` policy to everything else.
+    ``hessian`` / ``utility_hessian`` load the (in, in) Gram of this Linear's inputs on the
+    safety / user data on demand (Hessian methods only).
+    """
+
+    name: str
+    aligned: torch.Tensor
+    finetuned: torch.Tensor
+    unaligned: torch.Tensor | None = None
+    is_linear: bool = False
+    hessian: Callable[[], torch.Tensor] | None = None
+    utility_hessian: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.finetuned - self.aligned
+
+
+@dataclass
+class Repaired:
+    """A method's answer for one weight: the repaired tensor and numbers for the report."""
+
+    tensor: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
+SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered repair method.
+
+    ``repair(weight, params, state)`` returns the repaired tensor. ``survey``, when given, sees
+    every weight once before any repair (e.g. Safe LoRA ranks all modules by cosine) and its
+    return value is passed to ``repair`` as ``state``.
+    """
+
+    name: str
+    summary: str
+    params: type[MethodParams]
+    repair: RepairFn
+    survey: SurveyFn | None = None
+    needs_unaligned: bool = False
+    needs_hessian: bool = False
+    needs_utility: bool = False
+    keeps_low_rank: bool = False
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    load_builtin_methods()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise OptionError(
+            f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHODS))}."
+        ) from None
+
+
+def method_names() -> list[str]:
+    load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def load_builtin_methods() -> None:
+    """Import the method modules so that their ``register`` calls run."""
+    import deltafix.methods.resta  # noqa: F401

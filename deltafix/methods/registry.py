@@ -7,6 +7,8 @@ weight's input Gram matrices). Adding one is a new file under ``methods/`` that 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -104,5 +106,8 @@ def method_names() -> list[str]:
 
 
 def load_builtin_methods() -> None:
-    """Import the method modules so that their ``register`` calls run."""
-    import deltafix.methods.resta  # noqa: F401
+    """Import every module of this package once so that their ``register`` calls run."""
+    import deltafix.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")

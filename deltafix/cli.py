@@ -1,0 +1,179 @@
+"""The ``deltafix`` command line: parse options, call the library, print, exit with a code.
+
+Exit codes: 0 ok, 1 gate failed, 2 bad input or usage (one line on stderr), 3 internal error
+(traceback only with ``-v``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+
+from deltafix import __version__
+from deltafix.errors import DeltafixError, OptionError
+
+app = typer.Typer(
+    name="deltafix",
+    help="Repair the safety of a fine-tuned LLM from its weights: compare the aligned base with the "
+    "fine-tune, edit the delta, write a checkpoint that refuses harmful requests again.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_METHOD = "safedelta"
+EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+_verbose = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deltafix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks of internal errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def emit(as_json: bool, data: dict[str, Any], human: str) -> None:
+    """Print the machine-readable result with --json, else the human summary."""
+    typer.echo(json.dumps(data, indent=2) if as_json else human)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+@app.command()
+def repair(
+    base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id org/name[@rev]."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F (full checkpoint folder or Hub id)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for the repaired checkpoint R."),
+    method: Optional[str] = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
+                                         help="Repair method: safedelta, regmean, asft, safelora or resta."),
+    unaligned: Optional[str] = typer.Option(None, "--unaligned",
+                                            help="Pre-alignment base P (needed by asft, safelora, resta)."),
+    safety_data: Optional[Path] = typer.Option(None, "--safety-data",
+                                               help="Safety calibration JSONL (default: built-in set)."),
+    utility_data: Optional[Path] = typer.Option(None, "--utility-data",
+                                                help="Sample of the user's fine-tuning data, JSONL (regmean)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: method and parameters."),
+    set_: list[str] = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="Output dtype: auto (as in F), float32, float16, bfloat16."),
+    out_shard_size: str = typer.Option("5GB", "--out-shard-size",
+                                       help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the plan, shard layout and memory estimate; write nothing."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
+) -> None:
+    """Repair a fine-tuned checkpoint: read A and F, edit the delta with a method, write OUT."""
+    from deltafix.config import load_recipe, method_params, parse_sets
+    from deltafix.io.writer import parse_size
+    from deltafix.repair import RepairOptions, run_repair
+
+    recipe_data = load_recipe(recipe) if recipe else None
+    if recipe_data and method and method != recipe_data.method:
+        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
+    method_name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
+    params = method_params(method_name, recipe_data.parameters if recipe_data else {}, parse_sets(set_))
+    opts = RepairOptions(
+        base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
+        safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
+        shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite, command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+    )
+    result = run_repair(opts)
+    shards = [
+        {"file": result.shards.file_name(i), "tensors": len(s), "bytes": sum(t.nbytes for t in s)}
+        for i, s in enumerate(result.shards.shards)
+    ]
+    if dry_run:
+        data = {"dry_run": True, "method": method_name, "parameters": params.model_dump(mode="json"),
+                "tensors": len(result.plan.tensors), "linear_modules": len(result.plan.linear_names),
+                "shards": shards, "estimated_peak_bytes": result.peak_estimate_bytes, "notes": result.plan.notes}
+        lines = [f"plan: {method_name} on {len(result.plan.tensors)} tensors "
+                 f"({len(result.plan.linear_names)} decoder Linear weights)",
+                 *(f"  {s['file']}: {s['tensors']} tensors, {_human_bytes(s['bytes'])}" for s in shards),
+                 f"estimated peak memory: {_human_bytes(result.peak_estimate_bytes)}",
+                 *(f"note: {n}" for n in result.plan.notes), "dry run: nothing written"]
+        emit(as_json, data, "\n".join(lines))
+        return
+    totals = result.report["totals"]
+    human = (f"repaired {totals['tensors']} tensors with {method_name} "
+             f"({totals['linear_modules']} Linear weights; delta norm {totals['delta_norm_before']:.4g} -> "
+             f"{totals['delta_norm_after']:.4g}) into {out} ({len(shards)} shard(s), "
+             f"{_human_bytes(result.shards.total_bytes)}, {result.report['timings']['total_seconds']:.1f}s)")
+    emit(as_json, {"out": str(out), **result.report}, human)
+
+
+@app.command()
+def inspect(
+    base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: local folder or Hub id."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+) -> None:
+    """Show what the fine-tune changed: relative delta norm per tensor, sorted by layer, plus checks."""
+    from deltafix.inspect import inspect_delta
+
+    rows, notes = inspect_delta(base, finetuned, allow_pickle=allow_pickle, progress=not as_json)
+    width = max((len(r["name"]) for r in rows), default=10)
+    lines = [f"{'tensor':<{width}}  {'|δ|/|W_A|':>10}  {'|δ|':>10}"]
+    lines += [f"{r['name']:<{width}}  {r['relative_delta']:>10.3e}  {r['delta_norm']:>10.3e}" for r in rows]
+    changed = sum(1 for r in rows if r["delta_norm"] > 0)
+    lines.append(f"{changed} of {len(rows)} tensors changed")
+    lines += [f"note: {n}" for n in notes]
+    emit(as_json, {"tensors": rows, "notes": notes}, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; turns every failure into an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="deltafix",
+                          standalone_mode=False)
+    except DeltafixError as err:
+        typer.echo(f"error: {err}", err=True)
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return EXIT_BAD_INPUT
+    except click.ClickException as err:
+        err.show()
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        return 130
+    except Exception as err:  # every other failure is a deltafix bug: say so, exit 3
+        if _verbose:
+            traceback.print_exc()
+        typer.echo(f"internal error: {type(err).__name__}: {err} (rerun with -v for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return rc if isinstance(rc, int) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""sha256 of input files for the report and cache keys, remembered by (path, size, mtime).
+
+Hashing a 13 GB checkpoint takes tens of seconds; the result is stored in a small JSON file in
+the deltafix cache so later runs on the same unchanged files skip it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from deltafix.paths import cache_root
+
+CHUNK = 16 * 1024 * 1024
+
+
+def _memo_path() -> Path:
+    return cache_root() / "file-sha256.json"
+
+
+def _load_memo() -> dict[str, str]:
+    try:
+        data = json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _memo_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes; reused from the memo while size and mtime are unchanged."""
+    key = _memo_key(path)
+    memo = _load_memo()
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    memo = _load_memo()
+    memo[key] = value
+    target = _memo_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(target)
+    except OSError:
+        pass  # the memo is an optimisation; an unwritable cache only costs a rehash next time
+    return value

@@ -1,0 +1,254 @@
+"""Sharded safetensors writer and atomic publishing of the output folder.
+
+The shard layout is planned from headers before any data is computed (so ``--dry-run`` can show
+it), each shard file is written once, front to back, as its tensors arrive, and the whole folder is
+built under ``<parent of OUT>/.deltafix-tmp-*`` and renamed into place only after every shard
+re-opens with the planned names, shapes and dtypes. A crash, Ctrl-C or full disk leaves OUT as it
+was and removes the temporary folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import torch
+from safetensors import safe_open
+
+from deltafix.errors import OptionError, OutputError
+from deltafix.io.reader import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 bytes (decimal units as the Hub; ``GiB`` for binary)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise OptionError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB.")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise OptionError(f"size {text!r} must be positive.")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which tensors go into which output file, filled in order up to ``max_bytes`` per shard."""
+
+    shards: list[list[TensorSpec]]
+
+    @classmethod
+    def build(cls, specs: list[TensorSpec], max_bytes: int) -> "ShardPlan":
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if shards[-1] and size + spec.nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        return cls(shards)
+
+    def file_name(self, i: int) -> str:
+        if len(self.shards) == 1:
+            return SINGLE_NAME
+        return f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for shard in self.shards for s in shard)
+
+    def largest_shard_bytes(self) -> int:
+        return max(sum(s.nbytes for s in shard) for shard in self.shards)
+
+
+def _disk_error(err: OSError, where: Path) -> OutputError:
+    if err.errno == errno.ENOSPC:
+        return OutputError(f"no space left on the device while writing {where}; free space and run again.")
+    return OutputError(f"cannot write {where}: {err.strerror or err}.")
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file holding ``specs`` in that order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Receives tensors in plan order and streams them straight into their shard files.
+
+    The header of a shard is known from the plan, so each tensor's bytes are written as soon as
+    it arrives: memory holds one tensor, not one shard (``safetensors.save_file`` would need the
+    whole shard in memory). The files are re-read with ``safe_open`` in ``verify``.
+    """
+
+    def __init__(self, folder: Path, plan: ShardPlan, metadata: dict[str, str]) -> None:
+        self.folder = folder
+        self.plan = plan
+        self.metadata = {"format": "pt", **metadata}
+        self._order = [(i, spec) for i, shard in enumerate(plan.shards) for spec in shard]
+        self._next = 0
+        self._file: BinaryIO | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        shard, spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"writer expected {spec}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        path = self.folder / self.plan.file_name(shard)
+        try:
+            if self._file is None:
+                self._file = path.open("wb")
+                self._file.write(safetensors_header(self.plan.shards[shard], self.metadata))
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            if data.numel():
+                self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            self._next += 1
+            if self._next == len(self._order) or self._order[self._next][0] != shard:
+                self._file.close()
+                self._file = None
+        except OSError as err:
+            raise _disk_error(err, path) from err
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def finish(self) -> None:
+        """Check every planned tensor arrived, write the index and re-verify every shard."""
+        self.close()
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        if len(self.plan.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.plan.total_bytes},
+                "weight_map": {
+                    spec.name: self.plan.file_name(i) for i, shard in enumerate(self.plan.shards) for spec in shard
+                },
+            }
+            try:
+                (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as err:
+                raise _disk_error(err, self.folder / INDEX_NAME) from err
+        self.verify()
+
+    def verify(self) -> None:
+        """Re-open every written shard and compare names, shapes and dtypes with the plan."""
+        for i, shard in enumerate(self.plan.shards):
+            path = self.folder / self.plan.file_name(i)
+            with safe_open(str(path), framework="pt") as fh:
+                names = set(fh.keys())
+                if names != {s.name for s in shard}:
+                    raise OutputError(f"{path.name} was written incompletely; the output was not published.")
+                for spec in shard:
+                    sl = fh.get_slice(spec.name)
+                    if tuple(sl.get_shape()) != spec.shape or SAFETENSORS_DTYPES.get(sl.get_dtype()) != spec.dtype:
+                        raise OutputError(
+                            f"{path.name}: {spec.name} was written with the wrong shape or dtype; output not published."
+                        )
+
+
+def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an OUT that would clobber data: non-empty without --overwrite, or inside an input."""
+    resolved = out.resolve()
+    for folder in inputs:
+        src = folder.resolve()
+        if resolved == src or src in resolved.parents or resolved in src.parents:
+            raise OutputError(f"output {out} overlaps the input {folder}; choose a separate folder.")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output {out} is not empty; pass --overwrite to replace it.")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is removed and ``out``
+    is left exactly as it was.
+    """
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".deltafix-tmp-", dir=parent))
+    except OSError as err:
+        raise _disk_error(err, parent) from err
+    try:
+        yield tmp
+        try:
+            _fsync_tree(tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=".deltafix-old-", dir=parent))
+                os.replace(out, old / "previous")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except OSError as err:
+            raise _disk_error(err, out) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

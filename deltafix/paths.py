@@ -1,0 +1,16 @@
+"""Where deltafix keeps its caches (testbed models, Hessians, file hashes, built kernels)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$DELTAFIX_CACHE`` if set, else ``$XDG_CACHE_HOME/deltafix`` (default ``~/.cache/deltafix``)."""
+    env = os.environ.get("DELTAFIX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "deltafix"

@@ -1,0 +1,216 @@
+"""The repair pipeline: resolve -> read -> plan -> per-tensor method -> sharded write -> publish.
+
+Data flows one way and streams tensor by tensor; only the method sees tensors in fp32 on the
+compute device, and only the writer touches OUT (through a temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from deltafix import __version__
+from deltafix.config import recipe_yaml
+from deltafix.devices import resolve_device, resolve_dtype
+from deltafix.errors import InputError, OptionError
+from deltafix.io.assets import copy_assets
+from deltafix.io.hashing import file_sha256
+from deltafix.io.reader import CheckpointReader
+from deltafix.io.refs import ResolvedRef, resolve_ref
+from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
+from deltafix.methods import MethodParams, Repaired, WeightTensors, get_method
+from deltafix.plan import Plan, PlannedTensor, build_plan
+
+REPORT_NAME = "deltafix_report.json"
+RECIPE_NAME = "deltafix_recipe.yaml"
+
+
+@dataclass
+class RepairOptions:
+    """Everything one ``deltafix repair`` run needs; the CLI fills it, tests may too."""
+
+    base: str
+    finetuned: str
+    out: Path
+    method: str
+    params: MethodParams
+    unaligned: str | None = None
+    safety_data: Path | None = None
+    utility_data: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    shard_size: int = 5 * 10**9
+    overwrite: bool = False
+    dry_run: bool = False
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    command: str = ""
+    progress: bool = True
+
+
+@dataclass
+class RepairResult:
+    """What a run did: the plan, the shard layout and (unless dry-run) the report written to OUT."""
+
+    plan: Plan
+    shards: ShardPlan
+    peak_estimate_bytes: int
+    report: dict[str, Any] = field(default_factory=dict)
+    written: bool = False
+
+
+@dataclass
+class Inputs:
+    aligned: ResolvedRef
+    finetuned: ResolvedRef
+    unaligned: ResolvedRef | None
+    readers: dict[str, CheckpointReader]
+
+
+def open_inputs(opts: RepairOptions) -> Inputs:
+    refs = {"aligned": resolve_ref(opts.base), "finetuned": resolve_ref(opts.finetuned)}
+    if opts.unaligned:
+        refs["unaligned"] = resolve_ref(opts.unaligned)
+    readers = {role: CheckpointReader(ref.folder, allow_pickle=opts.allow_pickle) for role, ref in refs.items()}
+    return Inputs(refs["aligned"], refs["finetuned"], refs.get("unaligned"), readers)
+
+
+def estimate_peak_bytes(plan: Plan, n_inputs: int) -> int:
+    """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output."""
+    largest = max((t.nbytes // t.dtype.itemsize * 4 for t in plan.tensors), default=0)
+    return largest * (n_inputs + 2)
+
+
+def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Tensor:
+    return reader.get(name).to(device=device, dtype=torch.float32)
+
+
+def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool) -> Iterator[
+        tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
+    """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
+    a, f = inputs.readers["aligned"], inputs.readers["finetuned"]
+    p = inputs.readers.get("unaligned")
+    for spec in plan.tensors:
+        finetuned = _load(f, spec.name, device)
+        if check_finite and not torch.isfinite(finetuned).all():
+            raise InputError(
+                f"the fine-tune's tensor {spec.name!r} contains NaN or Inf; fix it or pass --allow-nonfinite."
+            )
+        grown = finetuned[-spec.grown_rows:] if spec.grown_rows else None
+        if spec.grown_rows:
+            finetuned = finetuned[: -spec.grown_rows]
+        yield spec, WeightTensors(
+            name=spec.name,
+            aligned=_load(a, spec.aligned_name, device),
+            finetuned=finetuned,
+            unaligned=_load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None,
+            is_linear=spec.is_linear,
+        ), grown
+
+
+def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]:
+    stats = {
+        "delta_norm_before": float(torch.linalg.vector_norm(weight.finetuned - weight.aligned)),
+        "delta_norm_after": float(torch.linalg.vector_norm(repaired.tensor - weight.aligned)),
+    }
+    stats.update({k: float(v) for k, v in repaired.stats.items()})
+    return stats
+
+
+def _input_record(ref: ResolvedRef, reader: CheckpointReader) -> dict[str, Any]:
+    return {
+        "ref": ref.ref,
+        "repo_id": ref.repo_id,
+        "revision": ref.revision,
+        "files": {f.name: file_sha256(f) for f in reader.files},
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def run_repair(opts: RepairOptions) -> RepairResult:
+    """Validate everything, then (unless dry-run) stream the repair into OUT atomically."""
+    started = time.perf_counter()
+    method = get_method(opts.method)
+    if method.needs_unaligned and not opts.unaligned:
+        raise OptionError(
+            f"method {method.name} uses the alignment direction θ_A − θ_P; pass the pre-alignment base with --unaligned."
+        )
+    inputs = open_inputs(opts)
+    check_output_location(opts.out, [ref.folder for ref in (inputs.aligned, inputs.finetuned, inputs.unaligned)
+                                     if ref is not None], opts.overwrite)
+    out_dtype = resolve_dtype(opts.dtype)
+    device = resolve_device(opts.device)
+    plan = build_plan(inputs.readers["aligned"], inputs.readers["finetuned"], inputs.readers.get("unaligned"),
+                      out_dtype)
+    shards = ShardPlan.build([TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors], opts.shard_size)
+    result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers)))
+    if opts.dry_run:
+        return result
+
+    state = None
+    if method.survey is not None:
+        state = method.survey(
+            (w for _, w, _ in _weights(inputs, plan, device, check_finite=False)), opts.params
+        )
+    modules: dict[str, dict[str, float]] = {}
+    metadata = {"deltafix_version": __version__, "deltafix_method": method.name}
+    with atomic_output(opts.out) as tmp:
+        with ShardedWriter(tmp, shards, metadata) as writer:
+            steps = tqdm(_weights(inputs, plan, device, not opts.allow_nonfinite), total=len(plan.tensors),
+                         desc=f"repair ({method.name})", unit="tensor", disable=not opts.progress)
+            for spec, weight, grown in steps:
+                repaired = method.repair(weight, opts.params, state)
+                tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
+                writer.add(spec.name, tensor.to(device="cpu", dtype=spec.dtype))
+                if spec.is_linear:
+                    modules[spec.name] = _module_stats(weight, repaired)
+            writer.finish()
+        copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
+        report = _report(opts, inputs, plan, shards, modules, started)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
+    for reader in inputs.readers.values():
+        reader.close()
+    result.report = report
+    result.written = True
+    return result
+
+
+def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
+            modules: dict[str, dict[str, float]], started: float) -> dict[str, Any]:
+    records = {"aligned": _input_record(inputs.aligned, inputs.readers["aligned"]),
+               "finetuned": _input_record(inputs.finetuned, inputs.readers["finetuned"])}
+    if inputs.unaligned is not None:
+        records["unaligned"] = _input_record(inputs.unaligned, inputs.readers["unaligned"])
+    before = sum(m["delta_norm_before"] ** 2 for m in modules.values()) ** 0.5
+    after = sum(m["delta_norm_after"] ** 2 for m in modules.values()) ** 0.5
+    return {
+        "deltafix_version": __version__,
+        "command": opts.command,
+        "method": opts.method,
+        "parameters": opts.params.model_dump(mode="json"),
+        "inputs": records,
+        "notes": plan.notes,
+        "output": {"shards": [shards.file_name(i) for i in range(len(shards.shards))],
+                   "total_size": shards.total_bytes},
+        "totals": {"tensors": len(plan.tensors), "linear_modules": len(modules),
+                   "delta_norm_before": before, "delta_norm_after": after},
+        "modules": modules,
+        "timings": {"total_seconds": time.perf_counter() - started},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "platform": {"python": platform.python_version(), "torch": torch.__version__},
+    }

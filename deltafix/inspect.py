@@ -26,7 +26,7 @@ def inspect_delta(base: str, finetuned: str, *, allow_pickle: bool = False,
     f = CheckpointReader(resolve_ref(finetuned).folder, allow_pickle=allow_pickle)
     plan = build_plan(a, f)
     rows = []
-    for spec in tqdm(plan.tensors, desc="inspect", unit="tensor", disable=not progress):
+    for spec in tqdm(plan.tensors, desc="inspect", unit="tensor", disable=None if progress else True):
         w_f = f.get(spec.name).float()
         w_a = a.get(spec.aligned_name).float()
         if spec.grown_rows:

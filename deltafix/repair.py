@@ -171,7 +171,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     with atomic_output(opts.out) as tmp:
         with ShardedWriter(tmp, shards, metadata) as writer:
             steps = tqdm(_weights(inputs, plan, device, not opts.allow_nonfinite), total=len(plan.tensors),
-                         desc=f"repair ({method.name})", unit="tensor", disable=not opts.progress)
+                         desc=f"repair ({method.name})", unit="tensor", disable=None if opts.progress else True)
             for spec, weight, grown in steps:
                 repaired = method.repair(weight, opts.params, state)
                 tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])

@@ -11,6 +11,7 @@ import platform
 import resource
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +28,7 @@ from deltafix.io.hashing import file_sha256
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
-from deltafix.methods import MethodParams, Repaired, WeightTensors, get_method
+from deltafix.methods import Method, MethodParams, Repaired, WeightTensors, get_method
 from deltafix.plan import Plan, PlannedTensor, build_plan
 
 REPORT_NAME = "deltafix_report.json"
@@ -126,12 +127,12 @@ def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]
     return stats
 
 
-def _input_record(ref: ResolvedRef, reader: CheckpointReader) -> dict[str, Any]:
+def _input_record(ref: ResolvedRef, reader: CheckpointReader, digests: dict[Path, Future[str]]) -> dict[str, Any]:
     return {
         "ref": ref.ref,
         "repo_id": ref.repo_id,
         "revision": ref.revision,
-        "files": {f.name: file_sha256(f) for f in reader.files},
+        "files": {f.name: digests[f].result() for f in reader.files},
     }
 
 
@@ -161,6 +162,25 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     if opts.dry_run:
         return result
 
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltafix-sha256")
+    try:
+        digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
+        result.report = _repair_into(opts, method, inputs, plan, shards, device, digests, started)
+    finally:
+        hasher.shutdown(wait=False, cancel_futures=True)
+    for reader in inputs.readers.values():
+        reader.close()
+    result.written = True
+    return result
+
+
+def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,
+                 device: torch.device, digests: dict[Path, Future[str]], started: float) -> dict[str, Any]:
+    """Stream every tensor through the method into a temporary folder, then publish it as OUT.
+
+    Input files are hashed for the report on a background thread meanwhile (hashlib releases
+    the GIL), so provenance costs no extra wall time on a multi-core machine.
+    """
     state = None
     if method.survey is not None:
         state = method.survey(
@@ -180,22 +200,18 @@ def run_repair(opts: RepairOptions) -> RepairResult:
                     modules[spec.name] = _module_stats(weight, repaired)
             writer.finish()
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
-        report = _report(opts, inputs, plan, shards, modules, started)
+        report = _report(opts, inputs, plan, shards, modules, digests, started)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
-    for reader in inputs.readers.values():
-        reader.close()
-    result.report = report
-    result.written = True
-    return result
+    return report
 
 
 def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
-            modules: dict[str, dict[str, float]], started: float) -> dict[str, Any]:
-    records = {"aligned": _input_record(inputs.aligned, inputs.readers["aligned"]),
-               "finetuned": _input_record(inputs.finetuned, inputs.readers["finetuned"])}
+            modules: dict[str, dict[str, float]], digests: dict[Path, Future[str]], started: float) -> dict[str, Any]:
+    records = {"aligned": _input_record(inputs.aligned, inputs.readers["aligned"], digests),
+               "finetuned": _input_record(inputs.finetuned, inputs.readers["finetuned"], digests)}
     if inputs.unaligned is not None:
-        records["unaligned"] = _input_record(inputs.unaligned, inputs.readers["unaligned"])
+        records["unaligned"] = _input_record(inputs.unaligned, inputs.readers["unaligned"], digests)
     before = sum(m["delta_norm_before"] ** 2 for m in modules.values()) ** 0.5
     after = sum(m["delta_norm_after"] ** 2 for m in modules.values()) ** 0.5
     return {

@@ -1,8 +1,9 @@
 """Lazy tensor access over a Hugging Face checkpoint folder (single or sharded safetensors).
 
 Names, shapes and dtypes come from the safetensors headers alone, so planning and validation
-never load tensor data. Data is read one tensor at a time with ``safe_open``; at most one shard
-per checkpoint is open at any moment, which keeps host memory flat however large the model is.
+never load tensor data. Data is read one tensor at a time with positioned reads at the offsets
+the header gives; at most one shard per checkpoint is open at any moment, which keeps host memory
+flat however large the model is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from deltafix.errors import InputError
 
@@ -50,6 +50,7 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     offset: int
+    data_start: int
 
     @property
     def numel(self) -> int:
@@ -92,7 +93,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise InputError(f"{path}: tensor {name!r} has an unreadable header entry ({err}).") from err
         if end > data_len or end - start != math.prod(shape) * dtype.itemsize:
             raise InputError(f"{path} is truncated or corrupt (tensor {name!r}); re-download it.")
-        tensors[name] = TensorInfo(name, shape, dtype, path, start)
+        tensors[name] = TensorInfo(name, shape, dtype, path, start, 8 + header_len + start)
     return tensors, metadata
 
 
@@ -181,15 +182,32 @@ class CheckpointReader:
         return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (CPU, its stored dtype). Switching shards closes the previous one."""
+        """Load one tensor (CPU, its stored dtype). Switching shards closes the previous one.
+
+        The bytes are read with a plain positioned read into a fresh buffer rather than through a
+        memory map, so a shard's pages do not stay resident after their tensors are used: host
+        memory holds the tensors in flight, not the shard. Offsets were validated with the header.
+        """
         info = self.tensors[name]
         if self._open_file != info.file:
             self.close()
-            self._handle = safe_open(str(info.file), framework="pt", device="cpu")
+            self._handle = info.file.open("rb")
             self._open_file = info.file
-        return self._handle.get_tensor(name)
+        buffer = bytearray(info.nbytes)
+        try:
+            self._handle.seek(info.data_start)
+            read = self._handle.readinto(buffer)
+        except OSError as err:
+            raise InputError(f"cannot read {name!r} from {info.file}: {err.strerror or err}.") from err
+        if read != info.nbytes:
+            raise InputError(f"{info.file} is truncated (tensor {name!r}); re-download it.")
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
         self._open_file = None
 

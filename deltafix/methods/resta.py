@@ -46,7 +46,7 @@ def resta(
     """RESTA on one tensor; all inputs the same shape, fp32."""
     alignment = aligned - unaligned
     if dare_p == 0.0:
-        return finetuned + scale * alignment
+        return alignment.mul_(scale).add_(finetuned)
     if generator is None:
         raise ValueError("DARE needs a generator")
     return aligned + dare(finetuned - aligned, dare_p, generator) + scale * alignment

@@ -1,0 +1,133 @@
+"""Streaming overhead and memory of ``deltafix repair`` (not a test; prints numbers).
+
+For each model size it generates Llama-shaped random bf16 checkpoints P, A, F (sharded), then
+times, in the same run, (1) a plain copy that reads every tensor of A and F and writes F's tensors
+with the same writer, and (2) ``deltafix repair --method resta``. Each runs in a fresh subprocess so
+its peak RSS is its own. Targets (DESIGN §7): repair/copy time ratio ≤ 1.5, and peak RSS growing
+by < 10 % when the model size doubles.
+
+    python benchmarks/stream.py [--sizes-gb 2 4] [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec
+
+HIDDEN, INTERMEDIATE, VOCAB = 2048, 5504, 32000
+INPUT_SHARD_BYTES = 1_000_000_000
+OUT_SHARD_BYTES = "1GB"
+
+
+def llama_shapes(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
+        shapes += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+        shapes += [(p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)),
+                   (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
+    return shapes + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def layers_for(size_gb: float) -> int:
+    per_layer = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN) * 2
+    fixed = 2 * VOCAB * HIDDEN * 2
+    return max(1, round((size_gb * 1e9 - fixed) / per_layer))
+
+
+def make_checkpoint(folder: Path, n_layers: int, seed: int) -> None:
+    """Random bf16 checkpoint written with deltafix's own writer (sharded, with index)."""
+    folder.mkdir(parents=True)
+    specs = [TensorSpec(n, s, torch.bfloat16) for n, s in llama_shapes(n_layers)]
+    gen = torch.Generator().manual_seed(seed)
+    with ShardedWriter(folder, ShardPlan.build(specs, INPUT_SHARD_BYTES), {}) as writer:
+        for spec in specs:
+            writer.add(spec.name, (0.02 * torch.randn(spec.shape, generator=gen)).to(torch.bfloat16))
+        writer.finish()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+
+
+def plain_copy(a: str, f: str, out: str) -> None:
+    """The baseline: read every tensor of A and F, write F's tensors."""
+    from deltafix.io.reader import CheckpointReader
+
+    ra, rf = CheckpointReader(a), CheckpointReader(f)
+    specs = [TensorSpec(n, rf.info(n).shape, rf.info(n).dtype) for n in rf.names]
+    Path(out).mkdir()
+    with ShardedWriter(Path(out), ShardPlan.build(specs, 10**9), {}) as writer:
+        for spec in specs:
+            ra.get(spec.name)
+            writer.add(spec.name, rf.get(spec.name))
+        writer.finish()
+
+
+def child_main(args: list[str]) -> None:
+    """Run one measured job in this (fresh) process and print its seconds and peak RSS as JSON."""
+    start = time.perf_counter()
+    if args[0] == "copy":
+        plain_copy(*args[1:])
+    else:
+        from deltafix.cli import main
+
+        rc = main(["repair", "--method", "resta", "--base", args[1], "--finetuned", args[2], "--unaligned",
+                   args[3], "--out", args[4], "--out-shard-size", OUT_SHARD_BYTES, "--device", "cpu", "--json"])
+        if rc:
+            raise SystemExit(rc)
+    print(json.dumps({"seconds": time.perf_counter() - start,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), file=sys.stderr)
+
+
+def measure(args: list[str]) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    opts = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="deltafix-bench-", dir=opts.workdir))
+    rows = []
+    try:
+        for size in opts.sizes_gb:
+            n = layers_for(size)
+            root = work / f"{size:g}GB"
+            for role, seed in (("P", 0), ("A", 1), ("F", 2)):
+                make_checkpoint(root / role, n, seed)
+            copy = measure(["copy", str(root / "A"), str(root / "F"), str(root / "copy")])
+            repair = measure(["repair", str(root / "A"), str(root / "F"), str(root / "P"), str(root / "R")])
+            rows.append((size, n, copy, repair))
+            shutil.rmtree(root)
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'size':>6} {'layers':>6} {'copy s':>8} {'resta s':>8} {'ratio':>6} {'copy RSS':>9} {'resta RSS':>9}")
+    for size, n, copy, repair in rows:
+        print(f"{size:>5g}G {n:>6} {copy['seconds']:>8.1f} {repair['seconds']:>8.1f} "
+              f"{repair['seconds'] / copy['seconds']:>6.2f} {copy['peak_rss'] / 1e9:>8.2f}G {repair['peak_rss'] / 1e9:>8.2f}G")
+    if len(rows) >= 2:
+        growth = rows[-1][3]["peak_rss"] / rows[0][3]["peak_rss"] - 1
+        print(f"resta peak RSS growth from {rows[0][0]:g} GB to {rows[-1][0]:g} GB: {100 * growth:+.1f} %")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+    else:
+        main()

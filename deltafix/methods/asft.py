@@ -3,7 +3,7 @@
 AsFT (Yang et al. 2025) trains with the penalty ``λ ‖(I − P) X‖²`` that keeps updates near the
 alignment direction. Applied after the fact to a finished delta δ (out, in), the penalised fit
 
-    minimise_X  ‖X − δ‖²_F + λ ‖(I − P) X‖²_F      (normal equations: (I + λ (I − P)ᵀ(I − P)) X = δ)
+    minimise_X  ‖X − δ‖²_F + λ ‖(I − P) X‖²_F,   normal equations  (I + λ (I − P)ᵀ(I − P)) X = δ,
 
 has a closed form for each projector:
 

@@ -33,12 +33,14 @@ from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTens
 
 class SafeLoraParams(MethodParams):
     select: Literal["number", "threshold"] = Field(
-        "number", description="number: project the k lowest-cosine modules; threshold: all with cos ≤ threshold."
+        "number",
+        description="number: project the k lowest-cosine modules; threshold: all with cos ≤ threshold.",
     )
     k: int = Field(10, ge=0, description="modules to project with select: number.")
     threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine limit with select: threshold.")
     projector: Literal["reference", "exact"] = Field(
-        "reference", description="reference: C = V Vᵀ/‖V‖_F (Safe LoRA's code); exact: projector onto V's column space."
+        "reference",
+        description="reference: C = V Vᵀ/‖V‖_F (Safe LoRA's code); exact: projector onto V's column space.",
     )
 
 

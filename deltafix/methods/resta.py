@@ -43,7 +43,13 @@ def resta(
     dare_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """RESTA on one tensor; all inputs the same shape, fp32."""
+    """RESTA on one tensor; all inputs the same shape, fp32.
+
+    ``scale = 0`` without DARE returns ``finetuned`` itself: adding ``0 · V`` would turn ``-0.0``
+    entries into ``+0.0``, and the no-op setting must reproduce F bit for bit.
+    """
+    if dare_p == 0.0 and scale == 0.0:
+        return finetuned
     alignment = aligned - unaligned
     if dare_p == 0.0:
         return alignment.mul_(scale).add_(finetuned)

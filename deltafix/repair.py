@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -95,9 +95,24 @@ def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Te
     return reader.get(name).to(device=device, dtype=torch.float32)
 
 
-def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool) -> Iterator[
-        tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
+class HessianSource(Protocol):
+    """Per-Linear Gram matrices by weight name, (in, in) fp32, loaded on demand."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Hessians:
+    """``safety``: H of A on the safety data; ``utility``: H of F on the user's data."""
+
+    safety: HessianSource | None = None
+    utility: HessianSource | None = None
+
+
+def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool,
+             hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
     """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
+    hessians = hessians or Hessians()
     a, f = inputs.readers["aligned"], inputs.readers["finetuned"]
     p = inputs.readers.get("unaligned")
     for spec in plan.tensors:
@@ -115,7 +130,34 @@ def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: boo
             finetuned=finetuned,
             unaligned=_load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None,
             is_linear=spec.is_linear,
+            hessian=_on_device(hessians.safety, spec, device),
+            utility_hessian=_on_device(hessians.utility, spec, device),
         ), grown
+
+
+def _on_device(source: HessianSource | None, spec: PlannedTensor,
+               device: torch.device) -> Callable[[], torch.Tensor] | None:
+    if source is None or not spec.is_linear:
+        return None
+    return lambda: source.get(spec.name).to(device=device, dtype=torch.float32)
+
+
+def repaired_tensors(method: Method, params: MethodParams, inputs: Inputs, plan: Plan, device: torch.device, *,
+                     check_finite: bool = True, hessians: Hessians | None = None,
+                     progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor, dict[str, float] | None]]:
+    """The method applied to every planned tensor, in plan order: ``(spec, CPU tensor in the
+    output dtype, per-module stats for decoder Linears else None)``. Writing to disk and in-memory
+    auto-tuning both consume this one stream."""
+    state = None
+    if method.survey is not None:
+        state = method.survey((w for _, w, _ in _weights(inputs, plan, device, False, hessians)), params)
+    steps = tqdm(_weights(inputs, plan, device, check_finite, hessians), total=len(plan.tensors),
+                 desc=f"repair ({method.name})", unit="tensor", disable=None if progress else True)
+    for spec, weight, grown in steps:
+        repaired = method.repair(weight, params, state)
+        tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
+        stats = _module_stats(weight, repaired) if spec.is_linear else None
+        yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
 
 
 def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]:
@@ -165,7 +207,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltafix-sha256")
     try:
         digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
-        result.report = _repair_into(opts, method, inputs, plan, shards, device, digests, started)
+        result.report = _repair_into(opts, method, inputs, plan, shards, device, Hessians(), digests, started)
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
     for reader in inputs.readers.values():
@@ -175,29 +217,23 @@ def run_repair(opts: RepairOptions) -> RepairResult:
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,
-                 device: torch.device, digests: dict[Path, Future[str]], started: float) -> dict[str, Any]:
+                 device: torch.device, hessians: Hessians, digests: dict[Path, Future[str]],
+                 started: float) -> dict[str, Any]:
     """Stream every tensor through the method into a temporary folder, then publish it as OUT.
 
     Input files are hashed for the report on a background thread meanwhile (hashlib releases
     the GIL), so provenance costs no extra wall time on a multi-core machine.
     """
-    state = None
-    if method.survey is not None:
-        state = method.survey(
-            (w for _, w, _ in _weights(inputs, plan, device, check_finite=False)), opts.params
-        )
     modules: dict[str, dict[str, float]] = {}
     metadata = {"deltafix_version": __version__, "deltafix_method": method.name}
+    stream = repaired_tensors(method, opts.params, inputs, plan, device, check_finite=not opts.allow_nonfinite,
+                              hessians=hessians, progress=opts.progress)
     with atomic_output(opts.out) as tmp:
         with ShardedWriter(tmp, shards, metadata) as writer:
-            steps = tqdm(_weights(inputs, plan, device, not opts.allow_nonfinite), total=len(plan.tensors),
-                         desc=f"repair ({method.name})", unit="tensor", disable=None if opts.progress else True)
-            for spec, weight, grown in steps:
-                repaired = method.repair(weight, opts.params, state)
-                tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
-                writer.add(spec.name, tensor.to(device="cpu", dtype=spec.dtype))
-                if spec.is_linear:
-                    modules[spec.name] = _module_stats(weight, repaired)
+            for spec, tensor, stats in stream:
+                writer.add(spec.name, tensor)
+                if stats is not None:
+                    modules[spec.name] = stats
             writer.finish()
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)

@@ -200,7 +200,8 @@ def test_unit_scaling_config_gives_each_module_its_rank(bases, adapters, tmp_pat
     factors = {}
     for name, m in picked.items():
         r = ranks[m.path]
-        factors[name] = (torch.randn(r, m.A.shape[1], generator=generator), torch.randn(m.B.shape[0], r, generator=generator))
+        A = torch.randn(r, m.A.shape[1], generator=generator)
+        factors[name] = (A, torch.randn(m.B.shape[0], r, generator=generator))
     write_adapter(tmp_path / "u", config, factors)
     merged = peft_merged(bases["llama"], tmp_path / "u")
     reader = CheckpointReader(bases["llama"])

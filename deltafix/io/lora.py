@@ -166,13 +166,14 @@ class LoraAdapter:
 
     ``config`` is the raw ``adapter_config.json`` (unknown fields kept, so it round-trips).
     ``modules`` maps base weight names to ``LoraModule``; ``replaced`` maps base tensor names to
-    the adapter keys of their saved full values (read lazily with ``replacement``).
+    the header entries (adapter key, shape, dtype) of their saved full values, read lazily with
+    ``replacement``.
     """
 
     folder: Path
     config: dict
     modules: dict[str, LoraModule]
-    replaced: dict[str, str]
+    replaced: dict[str, TensorInfo]
     weights_file: Path
 
     @classmethod
@@ -192,7 +193,7 @@ class LoraAdapter:
         adapter = cls(folder, config, {}, replaced, weights_file)
         with safe_open(str(weights_file), framework="pt", device="cpu") as handle:
             for name, parts in factors.items():
-                adapter.modules[name] = _build_module(folder, config, name, parts, handle, headers, base)
+                adapter.modules[name] = _build_module(folder, config, name, parts, handle, base)
         if base is not None:
             adapter.validate_against(base)
         return adapter
@@ -205,11 +206,11 @@ class LoraAdapter:
     def replacement(self, name: str) -> torch.Tensor:
         """The saved full value of base tensor ``name`` (stored dtype, CPU)."""
         with safe_open(str(self.weights_file), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(self.replaced[name])
+            return handle.get_tensor(self.replaced[name].name)
 
     def replacement_tensors(self) -> dict[str, torch.Tensor]:
         """Every saved full tensor under its adapter key, for copying into a rewritten adapter."""
-        return {key: self.replacement(name) for name, key in self.replaced.items()}
+        return {info.name: self.replacement(name) for name, info in self.replaced.items()}
 
     def bias_modules(self) -> dict[str, LoraModule]:
         """Base bias names whose value the adapter shifts (``lora_bias``) -> their module."""
@@ -241,36 +242,49 @@ class LoraAdapter:
     def validate_against(self, base: CheckpointReader) -> None:
         """Raise ``MismatchError`` unless every target exists in ``base`` with fitting shapes."""
         for name, module in self.modules.items():
-            info = _base_info(base, name, self.folder)
-            shape = _effective_shape(self, base, name, info)
+            shape = self._layer_shape(base, name)
             if shape != module.base_shape:
                 raise MismatchError(
                     f"adapter {self.folder} does not fit the base model: module {module.path} expects a weight "
                     f"of shape {module.base_shape} but the base has {shape}; use the base it was trained on."
                 )
             if module.dora_magnitude is not None and module.dora_magnitude.shape != (module.B.shape[0],):
-                raise InputError(f"adapter {self.folder}: DoRA magnitude of {module.path} has the wrong shape.")
+                raise InputError(f"adapter {self.folder}: the DoRA magnitude of {module.path} has the wrong shape.")
         for bias_name, module in self.bias_modules().items():
             if bias_name not in base and bias_name not in self.replaced:
                 raise MismatchError(
                     f"adapter {self.folder} trains a bias for {module.path} (lora_bias) but the base layer has "
                     "no bias; use the base it was trained on."
                 )
-            if _effective_shape(self, base, bias_name, None) != (module.B.shape[0],):
-                raise MismatchError(f"adapter {self.folder}: the lora_bias of {module.path} does not fit the base bias.")
-        for name, key in self.replaced.items():
-            info = _base_info(base, name, self.folder)
-            saved = self._replacement_shape(key)
-            grown_vocab = len(saved) == len(info.shape) >= 1 and saved[1:] == info.shape[1:] and saved[0] > info.shape[0]
-            if saved != info.shape and not grown_vocab:
+            if self._layer_shape(base, bias_name) != (module.B.shape[0],):
                 raise MismatchError(
-                    f"adapter {self.folder} saves {name} with shape {saved} but the base has {info.shape}; "
+                    f"adapter {self.folder}: the lora_bias of {module.path} does not fit its base bias; "
+                    "use the base it was trained on."
+                )
+        for name, info in self.replaced.items():
+            if name not in base:
+                raise MismatchError(
+                    f"adapter {self.folder} saves {name}, which the base model does not have; "
+                    "use the base it was trained on."
+                )
+            have, saved = base.info(name).shape, info.shape
+            grown_vocab = len(saved) == len(have) >= 1 and saved[1:] == have[1:] and saved[0] > have[0]
+            if saved != have and not grown_vocab:
+                raise MismatchError(
+                    f"adapter {self.folder} saves {name} with shape {saved} but the base has {have}; "
                     "use the base it was trained on."
                 )
 
-    def _replacement_shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(str(self.weights_file), framework="pt", device="cpu") as handle:
-            return tuple(handle.get_slice(key).get_shape())
+    def _layer_shape(self, base: CheckpointReader, name: str) -> tuple[int, ...]:
+        """Shape the layer holds when the adapter applies: a saved full value wins over the base."""
+        if name in self.replaced:
+            return self.replaced[name].shape
+        if name not in base:
+            raise MismatchError(
+                f"adapter {self.folder} targets {name}, which the base model does not have; "
+                "use the base it was trained on."
+            )
+        return base.info(name).shape
 
     def write(self, folder: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write this adapter with some modules' factors replaced (e.g. ``B ← M B``) into ``folder``."""
@@ -369,7 +383,10 @@ def _read_config(folder: Path) -> dict:
         raise InputError(f"{folder} is a PEFT {peft_type or 'unknown-type'} adapter; only LoRA adapters are supported.")
     for field in UNSUPPORTED_FIELDS:
         if config.get(field):
-            raise InputError(f"{folder} uses the PEFT option {field!r}, which deltafix does not support; merge it first.")
+            raise InputError(
+                f"{folder} uses the PEFT option {field!r}, which deltafix does not read; merge the adapter "
+                "with PEFT (merge_and_unload) and pass the merged checkpoint instead."
+            )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
         raise InputError(
@@ -383,15 +400,15 @@ def _read_config(folder: Path) -> dict:
 
 def _parse_keys(
     folder: Path, headers: Mapping[str, TensorInfo], base_names: set[str] | None
-) -> tuple[dict[str, dict[str, tuple[str, str, bool]]], dict[str, str]]:
+) -> tuple[dict[str, dict[str, tuple[str, str, bool]]], dict[str, TensorInfo]]:
     """Sort adapter keys into module factors and saved full tensors, both under base names.
 
-    Returns ``({base weight name: {role: (key, module path, embedding)}}, {base name: key})``.
+    Returns ``({base weight name: {role: (key, module path, embedding)}}, {base name: header})``.
     """
     resolve = _NameResolver(base_names)
     factors: dict[str, dict[str, tuple[str, str, bool]]] = {}
-    replaced: dict[str, str] = {}
-    for key in headers:
+    replaced: dict[str, TensorInfo] = {}
+    for key, info in headers.items():
         stripped = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in FACTOR_SUFFIXES if stripped.endswith(s)), None)
         if suffix is not None:
@@ -401,7 +418,7 @@ def _parse_keys(
         elif any(part.startswith("lora_") for part in stripped.split(".")):
             raise InputError(f"{folder}: adapter tensor {key!r} is not a LoRA weight deltafix understands.")
         else:
-            replaced[resolve(stripped.replace(".base_layer.", "."))] = key
+            replaced[resolve(stripped.replace(".base_layer.", "."))] = info
     return factors, replaced
 
 
@@ -417,7 +434,7 @@ class _NameResolver:
         self.base_names = base_names
         self.by_tail: dict[str, list[str]] = {}
         for name in base_names or ():
-            head, _, tail = name.partition(".")
+            _, _, tail = name.partition(".")
             if tail:
                 self.by_tail.setdefault(tail, []).append(name)
 
@@ -437,7 +454,6 @@ def _build_module(
     name: str,
     parts: Mapping[str, tuple[str, str, bool]],
     handle,
-    headers: Mapping[str, TensorInfo],
     base: CheckpointReader | None,
 ) -> LoraModule:
     """Read one module's tensors and fix its scaling and layout the way PEFT would."""
@@ -468,21 +484,6 @@ def _build_module(
     bias = handle.get_tensor(parts["bias"][0]) if "bias" in parts else None
     prefix = PEFT_PREFIX if key_a.startswith(PEFT_PREFIX) else ""
     return LoraModule(A, B, scaling, fan_in_fan_out, magnitude, bias, path, prefix, embedding)
-
-
-def _base_info(base: CheckpointReader, name: str, folder: Path) -> TensorInfo:
-    if name not in base:
-        raise MismatchError(
-            f"adapter {folder} targets {name}, which the base model does not have; use the base it was trained on."
-        )
-    return base.info(name)
-
-
-def _effective_shape(adapter: LoraAdapter, base: CheckpointReader, name: str, info: TensorInfo | None) -> tuple:
-    """Shape the layer holds when the adapter applies: a saved full value wins over the base."""
-    if name in adapter.replaced:
-        return adapter._replacement_shape(adapter.replaced[name])
-    return (info or base.info(name)).shape
 
 
 def _bias_name(weight_name: str) -> str:

@@ -242,6 +242,7 @@ def test_failing_gate_blocks_upload(hub: dict[str, Any], monkeypatch: pytest.Mon
     assert report["gate"]["passed"] is False and report["gate"]["table"]["limit"] == 0.0
     card = ModelCard.load(hub["out"] / "README.md")
     assert "The gate **failed**." in card.text and "| delta_norm_after |" in card.text
+    assert card.data.license == "apache-2.0"  # kept when the card is rewritten with the verdict
 
 
 def test_forced_push_after_failing_gate_opens_pr(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,

@@ -149,6 +149,92 @@ def inspect(
     emit(as_json, {"tensors": rows, "notes": notes}, "\n".join(lines))
 
 
+@app.command()
+def hub(
+    base: str = typer.Option(..., "--base", help="Aligned base model A: Hub id org/name[@rev] or local folder."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: Hub id org/name[@rev] or folder."),
+    push: str = typer.Option(..., "--push", help="Hub repo to upload the repaired model to, org/name."),
+    out: Optional[Path] = typer.Option(None, "--out", show_default="<deltafix cache>/hub/<org>--<name>",
+                                       help="Local folder for the repaired checkpoint before upload."),
+    method: Optional[str] = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
+                                         help="Repair method: safedelta, regmean, asft, safelora or resta."),
+    unaligned: Optional[str] = typer.Option(None, "--unaligned",
+                                            help="Pre-alignment base P (needed by asft, safelora, resta)."),
+    safety_data: Optional[Path] = typer.Option(None, "--safety-data",
+                                               help="Safety calibration JSONL (default: built-in set)."),
+    utility_data: Optional[Path] = typer.Option(None, "--utility-data",
+                                                help="Sample of the user's fine-tuning data, JSONL (regmean)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: method and parameters."),
+    set_: list[str] = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="Output dtype: auto (as in F), float32, float16, bfloat16."),
+    out_shard_size: str = typer.Option("5GB", "--out-shard-size",
+                                       help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a non-empty --out (the default folder is always replaced)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune."),
+    gate: bool = typer.Option(False, "--gate", help="Evaluate the repaired model and upload only if it passes."),
+    max_asr: float = typer.Option(0.05, "--max-asr", help="With --gate: highest attack success rate that passes."),
+    force: bool = typer.Option(False, "--force", help="Upload even when the gate fails (the exit code stays 1)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private (an existing repo keeps its "
+                                 "visibility)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to main."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Download, repair and gate, then print what would be "
+                                 "pushed; upload nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
+) -> int:
+    """Download A and F from the Hub, repair F, optionally gate it, and upload the result with a model card."""
+    import dataclasses
+
+    from deltafix.config import load_recipe, method_params, parse_sets
+    from deltafix.hub import PushOptions, cli_gate, default_out, run_hub
+    from deltafix.io.writer import parse_size
+    from deltafix.repair import RepairOptions
+
+    recipe_data = load_recipe(recipe) if recipe else None
+    if recipe_data and method and method != recipe_data.method:
+        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
+    method_name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
+    params = method_params(method_name, recipe_data.parameters if recipe_data else {}, parse_sets(set_))
+    opts = RepairOptions(
+        base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
+        unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
+        shard_size=parse_size(out_shard_size), overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
+        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+    )
+    options = PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run)
+    result = run_hub(opts, options, gate_fn=cli_gate(max_asr) if gate else None,
+                     echo=lambda line: typer.echo(line, err=True))
+    up = result.upload
+    gate_line = {None: "", True: "gate passed; ", False: "gate FAILED; "}[result.gate_passed]
+    if result.uploaded:
+        human = f"{gate_line}pushed {len(up.files)} files from {up.folder} to {up.repo_id}: {result.commit_url}"
+    elif result.gate_passed is False and not force:
+        human = f"{gate_line}nothing was uploaded (pass --force to upload anyway); the output is in {up.folder}"
+    else:
+        human = "\n".join([
+            f"{gate_line}dry run: would push {up.folder} to {up.repo_id}"
+            + (" as a pull request" if up.create_pr else "") + (" (private)" if up.private else ""),
+            *(f"  upload {f}" for f in up.files),
+            f"  delete remote files matching {', '.join(up.delete_patterns)} (unless re-uploaded)",
+            f"  commit message: {up.commit_message}",
+        ])
+    data = {"out": str(up.folder), "repo_id": up.repo_id, "uploaded": result.uploaded,
+            "commit_url": result.commit_url, "gate": result.report.get("gate"), "messages": result.messages,
+            "upload": {"files": up.files, "delete_patterns": up.delete_patterns,
+                       "commit_message": up.commit_message, "commit_description": up.commit_description,
+                       "private": up.private, "create_pr": up.create_pr},
+            "preflight": None if result.preflight is None else dataclasses.asdict(result.preflight)}
+    if result.gate_passed is False:
+        typer.echo(human, err=True)
+        if as_json:
+            emit(True, data, "")
+        return EXIT_GATE_FAILED
+    emit(as_json, data, human)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; turns every failure into an exit code."""
     command = typer.main.get_command(app)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from deltafix import __version__
+from deltafix.card import CARD_NAME, write_model_card
 from deltafix.config import recipe_yaml
 from deltafix.devices import resolve_device, resolve_dtype
 from deltafix.errors import InputError, OptionError
@@ -239,6 +240,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
         report = _report(opts, inputs, plan, shards, modules, digests, started)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
+        write_model_card(tmp, report, license_from=inputs.finetuned.folder / CARD_NAME)
     return report
 
 

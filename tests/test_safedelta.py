@@ -253,3 +253,13 @@ def test_registry_entry(layer) -> None:
 
     with pytest.raises(OptionError, match="auto"):
         method.repair(linear, SafeDeltaParams(scale="auto"), None)
+
+
+def test_inputs_are_not_modified(layer) -> None:
+    w_aligned, w_finetuned, H = layer
+    copies = [t.clone() for t in layer]
+    H[:, 3] = H[3, :] = 0  # a dead input exercises the in-place diagonal fix
+    copies[2] = H.clone()
+    safe_delta(w_aligned, w_finetuned, H, scale=0.1, block=BLOCK)
+    for before, after in zip(copies, (w_aligned, w_finetuned, H)):
+        assert torch.equal(before, after)

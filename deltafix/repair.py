@@ -24,12 +24,15 @@ from deltafix.card import CARD_NAME, write_model_card
 from deltafix.config import recipe_yaml
 from deltafix.devices import resolve_device, resolve_dtype
 from deltafix.errors import InputError, OptionError
+from deltafix.adapter_repair import repair_adapter_factors
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
+from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, Repaired, WeightTensors, get_method
+from deltafix.methods.stats import delta_norms
 from deltafix.plan import Plan, PlannedTensor, build_plan
 
 REPORT_NAME = "deltafix_report.json"
@@ -55,6 +58,7 @@ class RepairOptions:
     dry_run: bool = False
     allow_pickle: bool = False
     allow_nonfinite: bool = False
+    as_full: bool = False
     command: str = ""
     progress: bool = True
 
@@ -66,6 +70,7 @@ class RepairResult:
     plan: Plan
     shards: ShardPlan
     peak_estimate_bytes: int
+    output_kind: str = "full"
     report: dict[str, Any] = field(default_factory=dict)
     written: bool = False
 
@@ -75,15 +80,30 @@ class Inputs:
     aligned: ResolvedRef
     finetuned: ResolvedRef
     unaligned: ResolvedRef | None
-    readers: dict[str, CheckpointReader]
+    readers: dict[str, CheckpointReader | AdapterCheckpoint]
 
 
 def open_inputs(opts: RepairOptions) -> Inputs:
     refs = {"aligned": resolve_ref(opts.base), "finetuned": resolve_ref(opts.finetuned)}
     if opts.unaligned:
         refs["unaligned"] = resolve_ref(opts.unaligned)
-    readers = {role: CheckpointReader(ref.folder, allow_pickle=opts.allow_pickle) for role, ref in refs.items()}
+    aligned = CheckpointReader(refs["aligned"].folder, allow_pickle=opts.allow_pickle)
+    readers: dict[str, CheckpointReader | AdapterCheckpoint] = {
+        "aligned": aligned,
+        "finetuned": open_finetuned(refs["finetuned"].folder, refs["aligned"].folder, aligned, opts.allow_pickle),
+    }
+    if "unaligned" in refs:
+        readers["unaligned"] = CheckpointReader(refs["unaligned"].folder, allow_pickle=opts.allow_pickle)
     return Inputs(refs["aligned"], refs["finetuned"], refs.get("unaligned"), readers)
+
+
+def output_kind(method: Method, inputs: Inputs, as_full: bool) -> str:
+    """``adapter`` when F is a plain LoRA adapter and the method keeps low rank, else ``full``."""
+    finetuned = inputs.readers["finetuned"]
+    if isinstance(finetuned, AdapterCheckpoint) and method.keeps_low_rank and not as_full \
+            and not finetuned.adapter.is_dora:
+        return "adapter"
+    return "full"
 
 
 def estimate_peak_bytes(plan: Plan, n_inputs: int) -> int:
@@ -162,10 +182,7 @@ def repaired_tensors(method: Method, params: MethodParams, inputs: Inputs, plan:
 
 
 def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]:
-    stats = {
-        "delta_norm_before": float(torch.linalg.vector_norm(weight.finetuned - weight.aligned)),
-        "delta_norm_after": float(torch.linalg.vector_norm(repaired.tensor - weight.aligned)),
-    }
+    stats = delta_norms(weight.aligned, weight.finetuned, repaired.tensor)
     stats.update({k: float(v) for k, v in repaired.stats.items()})
     return stats
 
@@ -201,14 +218,18 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     plan = build_plan(inputs.readers["aligned"], inputs.readers["finetuned"], inputs.readers.get("unaligned"),
                       out_dtype)
     shards = ShardPlan.build([TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors], opts.shard_size)
-    result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers)))
+    result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers)),
+                          output_kind=output_kind(method, inputs, opts.as_full))
     if opts.dry_run:
         return result
 
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltafix-sha256")
     try:
         digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
-        result.report = _repair_into(opts, method, inputs, plan, shards, device, Hessians(), digests, started)
+        if result.output_kind == "adapter":
+            result.report = _repair_adapter_into(opts, method, inputs, plan, shards, device, digests, started)
+        else:
+            result.report = _repair_into(opts, method, inputs, plan, shards, device, Hessians(), digests, started)
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
     for reader in inputs.readers.values():
@@ -238,10 +259,35 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
             writer.finish()
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
-        write_model_card(tmp, report, license_from=inputs.finetuned.folder / CARD_NAME)
+        report["output"]["kind"] = "full"
+        _write_provenance(tmp, report, method, opts, inputs)
     return report
+
+
+def _repair_adapter_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,
+                         device: torch.device, digests: dict[Path, Future[str]], started: float) -> dict[str, Any]:
+    """Write the repaired fine-tune as a LoRA adapter of the same rank and config (``B ← M B``)."""
+    finetuned = inputs.readers["finetuned"]
+    assert isinstance(finetuned, AdapterCheckpoint)
+    unaligned = inputs.readers["unaligned"]
+    assert isinstance(unaligned, CheckpointReader)
+    factors, modules = repair_adapter_factors(method, opts.params, finetuned.adapter, finetuned.base, unaligned,
+                                              device, opts.progress)
+    with atomic_output(opts.out) as tmp:
+        finetuned.adapter.write(tmp, factors)
+        copy_assets([inputs.finetuned.folder], tmp)
+        report = _report(opts, inputs, plan, shards, modules, digests, started)
+        report["output"] = {"kind": "adapter", "files": sorted(p.name for p in tmp.iterdir())}
+        _write_provenance(tmp, report, method, opts, inputs)
+    return report
+
+
+def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: RepairOptions,
+                      inputs: Inputs) -> None:
+    """Report, effective recipe and model card: what makes OUT reproducible on its own."""
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
+    write_model_card(tmp, report, license_from=inputs.finetuned.folder / CARD_NAME)
 
 
 def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,

@@ -122,6 +122,17 @@ def _repair(weight: WeightTensors, params: AsftParams, state: None) -> Repaired:
     return Repaired(weight.aligned + x, stats)
 
 
+def _lora_b(weight: WeightTensors, b: torch.Tensor, params: AsftParams, state: None) -> torch.Tensor:
+    """``B ← M B``: the same operator as the dense path, so (M sB) A = M (sBA)."""
+    if params.lam == 0.0:
+        return b
+    assert weight.unaligned is not None
+    op = alignment_operator(
+        weight.aligned - weight.unaligned, lam=params.lam, projector=params.projector, rank=params.rank
+    )
+    return op.apply(b.float())
+
+
 register(
     Method(
         name="asft",
@@ -129,6 +140,6 @@ register(
         params=AsftParams,
         repair=_repair,
         needs_unaligned=True,
-        keeps_low_rank=True,
+        lora_b=_lora_b,
     )
 )

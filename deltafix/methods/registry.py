@@ -58,6 +58,7 @@ class Repaired:
 
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
 SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
+LoraBFn = Callable[[WeightTensors, torch.Tensor, Any, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ class Method:
 
     ``repair(weight, params, state)`` returns the repaired tensor. ``survey``, when given, sees
     every weight once before any repair (e.g. Safe LoRA ranks all modules by cosine) and its
-    return value is passed to ``repair`` as ``state``.
+    return value is passed to ``repair`` as ``state``. ``lora_b(weight, B, params, state)``,
+    for methods whose edit is a left multiplication ``δ ← M δ``, maps a LoRA factor B (out, r)
+    to ``M B`` so that a repaired adapter stays an adapter.
     """
 
     name: str
@@ -77,7 +80,11 @@ class Method:
     needs_unaligned: bool = False
     needs_hessian: bool = False
     needs_utility: bool = False
-    keeps_low_rank: bool = False
+    lora_b: LoraBFn | None = None
+
+    @property
+    def keeps_low_rank(self) -> bool:
+        return self.lora_b is not None
 
 
 _METHODS: dict[str, Method] = {}

@@ -120,6 +120,14 @@ def _repair(weight: WeightTensors, params: SafeLoraParams, state: SafeLoraSelect
     return Repaired(weight.aligned + op.apply(weight.delta), stats)
 
 
+def _lora_b(weight: WeightTensors, b: torch.Tensor, params: SafeLoraParams, state: SafeLoraSelection) -> torch.Tensor:
+    """``B ← C B`` for the selected modules (A unchanged), as Safe LoRA does for adapters."""
+    if weight.name not in state.selected:
+        return b
+    assert weight.unaligned is not None
+    return projection_operator(weight.aligned - weight.unaligned, params.projector).apply(b.float())
+
+
 register(
     Method(
         name="safelora",
@@ -128,6 +136,6 @@ register(
         repair=_repair,
         survey=_survey,
         needs_unaligned=True,
-        keeps_low_rank=True,
+        lora_b=_lora_b,
     )
 )

@@ -1,0 +1,61 @@
+"""A PEFT adapter seen as a full checkpoint: A's tensors with the adapter merged in, lazily.
+
+Wrapping the adapter in the reader interface lets every dense method and the whole streaming
+pipeline treat an adapter fine-tune exactly like a full one: ``get(name)`` returns the merged
+value of one tensor (PEFT's rules, fp32) and nothing else is ever materialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deltafix.io.lora import LoraAdapter, is_adapter_folder
+from deltafix.io.reader import CheckpointReader, TensorInfo
+
+
+class AdapterCheckpoint:
+    """Reader-compatible view of ``base`` + ``adapter`` (names, headers, lazy merged tensors)."""
+
+    def __init__(self, base: CheckpointReader, adapter: LoraAdapter) -> None:
+        self.base = base
+        self.adapter = adapter
+        self.folder = adapter.folder
+        self.files = [adapter.weights_file]
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {
+            name: adapter.replaced.get(name, info) for name, info in base.tensors.items()
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return self.base.names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The merged value (fp32 for tensors the adapter touches, stored dtype otherwise)."""
+        tensor = self.base.get(name)
+        if name in self.adapter.touched_names:
+            return self.adapter.updated(name, tensor)
+        return tensor
+
+    def close(self) -> None:
+        self.base.close()
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader,
+                   allow_pickle: bool = False) -> CheckpointReader | AdapterCheckpoint:
+    """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly."""
+    if not is_adapter_folder(folder):
+        return CheckpointReader(folder, allow_pickle=allow_pickle)
+    adapter = LoraAdapter.load(folder, base=aligned)
+    return AdapterCheckpoint(CheckpointReader(base_folder, allow_pickle=allow_pickle), adapter)

@@ -18,7 +18,8 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 CARD_NAME = "README.md"
 TAGS = ["deltafix", "safety"]
 LICENSE_KEYS = ("license", "license_name", "license_link")
-ROLES = {"aligned": "aligned base (A)", "finetuned": "fine-tune (F)", "unaligned": "pre-alignment base (P)"}
+ROLES = {"aligned": "aligned base (A)", "finetuned": "fine-tune (F)", "unaligned": "pre-alignment base (P)",
+         "reinforce": "ReinforceLoRA (R)"}
 
 
 def card_license(readme: Path) -> dict[str, str]:

@@ -11,14 +11,16 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 import typer
 
 from deltafix import __version__
 from deltafix.errors import DeltafixError, OptionError
-from deltafix.methods import MethodParams
+
+if TYPE_CHECKING:
+    from deltafix.methods import MethodParams
 
 app = typer.Typer(
     name="deltafix",
@@ -244,6 +246,40 @@ def hub(
         return EXIT_GATE_FAILED
     emit(as_json, data, human)
     return EXIT_OK
+
+
+@app.command("merge-lora")
+def merge_lora(
+    base: str = typer.Option(..., "--base", help="Aligned base model A (folder or Hub id) both adapters were trained on."),
+    user: str = typer.Option(..., "--user", help="The user's LoRA adapter U (PEFT folder)."),
+    reinforce: str = typer.Option(..., "--reinforce", help="The ReinforceLoRA R (PEFT folder)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    alpha: float = typer.Option(0.1, "--alpha", min=0.0, max=1.0,
+                                help="Soft projection: share of ΔR's component in U's column space removed."),
+    scale: float = typer.Option(0.5, "--scale", min=0.0,
+                                help="c in W = W_A + c(ΔU + ΔR⊥); the reference 0.5 halves the user update."),
+    as_adapter: bool = typer.Option(False, "--as-adapter",
+                                    help="Write the exact rank r_u + r_r adapter (scaling 1) instead of a checkpoint."),
+    out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
+) -> None:
+    """QR-merge a user LoRA and a ReinforceLoRA onto A (Buffer-and-Reinforce).
+
+    ΔR loses alpha of its component in the column space of the user's B (rank-guarded by the
+    eigenvalues of A_u A_uᵀ), then W = W_A + c(ΔU + ΔR⊥). Modules only in U get c·ΔU.
+    """
+    from deltafix.io.writer import parse_size
+    from deltafix.merging import MergeOptions, run_merge_lora
+
+    report = run_merge_lora(MergeOptions(
+        base=base, user=user, reinforce=reinforce, out=out, alpha=alpha, scale=scale, as_adapter=as_adapter,
+        shard_size=parse_size(out_shard_size), overwrite=overwrite, command=shlex.join(["deltafix", *sys.argv[1:]]),
+        progress=not as_json,
+    ))
+    emit(as_json, {"out": str(out), **report},
+         f"merged {len(report['modules'])} modules (alpha={alpha}, c={scale}) into {out} as "
+         f"{'an adapter' if as_adapter else 'a full checkpoint'} in {report['timings']['total_seconds']:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> int:

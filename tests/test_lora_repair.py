@@ -1,0 +1,142 @@
+"""LoRA end to end: adapters repaired as adapters (asft, safelora) or merged (resta, --as-full, DoRA),
+and the ``merge-lora`` QR merge written dense and as an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from deltafix.cli import main
+from deltafix.io.reader import CheckpointReader
+from deltafix.methods import WeightTensors, get_method
+from tests.conftest import save_tiny_llama
+from tests.peft_models import LLAMA_LINEARS, peft_merged, save_adapter
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    p = save_tiny_llama(root / "P", seed=0)
+    a = save_tiny_llama(root / "A", seed=1, base=p)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_LINEARS, init_lora_weights=False)
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    return {"P": p, "A": a, "U": save_adapter(a, root / "U", lora, seed=3),
+            "R": save_adapter(a, root / "Rf", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False), seed=4),
+            "D": save_adapter(a, root / "D", dora, seed=5)}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(folder)
+    return {n: reader.get(n).float() for n in reader.names}
+
+
+def _repair(inputs: dict[str, Path], adapter: str, out: Path, method: str, *extra: str) -> int:
+    return main(["repair", "--base", str(inputs["A"]), "--finetuned", str(inputs[adapter]), "--unaligned",
+                 str(inputs["P"]), "--out", str(out), "--method", method, "--json", *extra])
+
+
+def _dense_reference(inputs: dict[str, Path], adapter: str, method: str, **params) -> dict[str, torch.Tensor]:
+    """The same method on the dense merged fine-tune (PEFT's merge_and_unload), tensor by tensor."""
+    spec = get_method(method)
+    p = spec.params(**params)
+    merged, a, u = peft_merged(inputs["A"], inputs[adapter]), _tensors(inputs["A"]), _tensors(inputs["P"])
+    weights = [WeightTensors(n, a[n], merged[n], u[n], is_linear=".layers." in n and a[n].ndim == 2) for n in a]
+    state = spec.survey(iter(weights), p) if spec.survey else None
+    return {w.name: spec.repair(w, p, state).tensor for w in weights}
+
+
+@pytest.mark.parametrize("method,params", [("asft", {"lam": 4.0}), ("safelora", {"k": 5})])
+def test_low_rank_methods_keep_an_adapter(tmp_path: Path, lora_inputs, method, params,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "R"
+    sets = [x for k, v in params.items() for x in ("--set", f"{k}={v}")]
+    assert _repair(lora_inputs, "U", out, method, *sets) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"]["kind"] == "adapter"
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    repaired = peft_merged(lora_inputs["A"], out)
+    expected = _dense_reference(lora_inputs, "U", method, **params)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(repaired[name], tensor, atol=1e-5, rtol=1e-4)
+    changed = [n for n in expected if not torch.equal(expected[n], peft_merged(lora_inputs["A"], lora_inputs["U"])[n])]
+    assert changed
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card
+
+
+def test_as_full_and_dense_methods_merge(tmp_path: Path, lora_inputs, capsys: pytest.CaptureFixture[str]) -> None:
+    full = tmp_path / "full"
+    assert _repair(lora_inputs, "U", full, "asft", "--set", "lam=4.0", "--as-full") == 0
+    assert json.loads(capsys.readouterr().out)["output"]["kind"] == "full"
+    expected = _dense_reference(lora_inputs, "U", "asft", lam=4.0)
+    got = _tensors(full)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=1e-4)
+    resta = tmp_path / "resta"
+    assert _repair(lora_inputs, "U", resta, "resta", "--set", "scale=0.3") == 0
+    assert json.loads(capsys.readouterr().out)["output"]["kind"] == "full"
+    expected = _dense_reference(lora_inputs, "U", "resta", scale=0.3)
+    got = _tensors(resta)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_dora_adapter_is_never_written_back_as_lora(tmp_path: Path, lora_inputs,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "R"
+    assert _repair(lora_inputs, "D", out, "asft", "--set", "lam=4.0") == 0
+    assert json.loads(capsys.readouterr().out)["output"]["kind"] == "full"
+    expected = _dense_reference(lora_inputs, "D", "asft", lam=4.0)
+    got = _tensors(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_for_another_base_and_unknown_type(tmp_path: Path, lora_inputs,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    other = save_tiny_llama(tmp_path / "other", seed=9)
+    config = json.loads((other / "config.json").read_text())
+    wide = tmp_path / "wide"
+    from tests.peft_models import tiny_llama
+
+    tiny_llama(hidden=64).save_pretrained(wide)
+    wrong = save_adapter(wide, tmp_path / "wrong", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    assert _repair(lora_inputs, "A", tmp_path / "o1", "resta") == 0
+    capsys.readouterr()
+    rc = main(["repair", "--base", str(lora_inputs["A"]), "--finetuned", str(wrong), "--unaligned",
+               str(lora_inputs["P"]), "--out", str(tmp_path / "o2"), "--method", "resta"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not fit the base model" in err and len(err.splitlines()) == 1
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "base_model_name_or_path": "x"}))
+    rc = main(["repair", "--base", str(lora_inputs["A"]), "--finetuned", str(ia3), "--unaligned",
+               str(lora_inputs["P"]), "--out", str(tmp_path / "o3"), "--method", "resta"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "IA3" in err and len(err.splitlines()) == 1
+    assert config["hidden_size"] == 32
+
+
+def test_merge_lora_dense_and_adapter_agree(tmp_path: Path, lora_inputs, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, adapter = tmp_path / "dense", tmp_path / "adapter"
+    common = ["--base", str(lora_inputs["A"]), "--user", str(lora_inputs["U"]), "--reinforce", str(lora_inputs["R"]),
+              "--json"]
+    assert main(["merge-lora", *common, "--out", str(dense)]) == 0
+    assert main(["merge-lora", *common, "--out", str(adapter), "--as-adapter"]) == 0
+    capsys.readouterr()
+    merged_dense = _tensors(dense)
+    merged_adapter = peft_merged(lora_inputs["A"], adapter)
+    for name, tensor in merged_dense.items():
+        torch.testing.assert_close(merged_adapter[name], tensor, atol=1e-5, rtol=1e-4)
+    user_only = "model.layers.0.mlp.up_proj.weight"
+    base = _tensors(lora_inputs["A"])[user_only]
+    full_user = peft_merged(lora_inputs["A"], lora_inputs["U"])[user_only]
+    torch.testing.assert_close(merged_dense[user_only], base + 0.5 * (full_user - base), atol=1e-6, rtol=1e-5)
+    rc = main(["merge-lora", *common[:4], "--reinforce", str(lora_inputs["A"]), "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "adapter_config.json" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 import deltafix.hcache as hcache
 from deltafix.calibration import CalibrationSet, load_calibration, read_conversations
 from deltafix.errors import InputError
-from deltafix.hcache import MANIFEST, hessians_for
+from deltafix.hcache import MANIFEST, cache_key, hessians_for
 from deltafix.hessians import capture_hessians
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +44,18 @@ def tiny_config(family: str, *, layers: int = 3, hidden: int = 32, intermediate:
     return Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1)
 
 
-def save_model(config, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+def save_model(config, folder: Path, dtype: torch.dtype = torch.float32, shard: str | None = None) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     return folder
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model_dir(request, tmp_path_factory) -> Path:
-    return save_model(tiny_config(request.param), tmp_path_factory.mktemp(request.param))
+    """Llama in one file; Qwen2 in several shards with an index."""
+    shard = "40KB" if request.param == "qwen2" else None
+    return save_model(tiny_config(request.param), tmp_path_factory.mktemp(request.param), shard=shard)
 
 
 @pytest.fixture(scope="module")
@@ -201,14 +203,16 @@ def test_cache_reuse_corruption_and_key(llama_dir, tmp_path, counted_capture):
     assert not third.from_cache and third.rebuilt_reason and len(counted_capture) == 2
     assert_store_matches(third, expected)
 
-    # A missing layer file and a foreign manifest are rebuilt too.
+    # A truncated file, a missing layer file and a foreign manifest are rebuilt too.
+    layer_file.write_bytes(layer_file.read_bytes()[:-100])
+    assert hessians_for(llama_dir, data, cache_dir=cache).rebuilt_reason
     (cache / first.key / "layer_00002.safetensors").unlink()
-    assert not hessians_for(llama_dir, data, cache_dir=cache).from_cache
+    assert hessians_for(llama_dir, data, cache_dir=cache).rebuilt_reason
     manifest = json.loads((cache / first.key / MANIFEST).read_text())
     manifest["key"] = "0" * 64
     (cache / first.key / MANIFEST).write_text(json.dumps(manifest))
     fourth = hessians_for(llama_dir, data, cache_dir=cache)
-    assert not fourth.from_cache and len(counted_capture) == 4
+    assert not fourth.from_cache and len(counted_capture) == 5
     assert_store_matches(fourth, expected)
     assert hessians_for(llama_dir, data, cache_dir=cache).from_cache
 
@@ -219,23 +223,28 @@ def test_cache_reuse_corruption_and_key(llama_dir, tmp_path, counted_capture):
     assert entries == sorted([first.key, other.key])
 
 
-def test_cache_key_follows_model_weights(llama_dir, tmp_path):
+def test_cache_key_follows_weights_and_dtype(tmp_path):
+    """Rewriting the weights in place changes the key even though the file hash is memoised."""
+    folder = save_model(tiny_config("llama", layers=2), tmp_path / "model")
     data = calib([6, 6])
-    other_model = save_model(tiny_config("llama", layers=3), tmp_path / "other")
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(other_model)
+    memo = tmp_path / "hashes.json"
+    before = cache_key(folder, data, torch.float32, memo)
+    assert cache_key(folder, data, torch.float32, memo) == before
+    assert str((folder / "model.safetensors").resolve()) in json.loads(memo.read_text())
+    assert cache_key(folder, data, torch.bfloat16, memo) != before
+    model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
-        model.model.layers[2].mlp.down_proj.weight.add_(1.0)
-    model.save_pretrained(other_model)
-    a = hessians_for(llama_dir, data, cache_dir=tmp_path / "cache")
-    b = hessians_for(other_model, data, cache_dir=tmp_path / "cache")
-    assert a.key != b.key
+        model.model.layers[1].mlp.down_proj.weight.add_(1.0)
+    model.save_pretrained(folder)
+    assert cache_key(folder, data, torch.float32, memo) != before
 
 
 def test_no_cache_reads_and_writes_nothing(llama_dir, tmp_path, monkeypatch, counted_capture):
     monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "env_cache"))
     data = calib([5, 7])
-    store = hessians_for(llama_dir, data, no_cache=True)
+    progress: list[tuple[int, int]] = []
+    store = hessians_for(llama_dir, data, no_cache=True, progress=lambda *done: progress.append(done))
+    assert progress == [(1, 3), (2, 3), (3, 3)]
     assert_store_matches(store, collect(llama_dir, data.samples))
     assert not (tmp_path / "env_cache").exists()
     entry = store.entry

@@ -1,0 +1,177 @@
+"""Safety calibration data: read the JSONL set S and render it to token ids with A's tokenizer.
+
+Each line is ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``;
+other keys (``category``, ``id``...) are allowed and ignored. A conversation is rendered with the
+tokenizer's chat template when it has one (the whole conversation, response included, because the
+Hessians cover every token the aligned model sees), else as ``prompt\\nresponse`` plus EOS. The
+result is a ``CalibrationSet`` of 1-D int64 token id tensors, at most ``max_length`` long each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from deltafix.errors import InputError
+
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_SAFETY_DATA = "safety_calibration.jsonl"
+
+Conversation = list[dict[str, str]]
+
+
+def default_safety_data() -> Path:
+    """The built-in safety set shipped in ``deltafix/data/`` (our own prompts and refusals)."""
+    return Path(str(resources.files("deltafix") / "data" / DEFAULT_SAFETY_DATA))
+
+
+def _conversation(record: Any, where: str) -> Conversation:
+    """Turn one parsed JSONL record into a list of ``{"role", "content"}`` messages."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object with 'prompt'/'response' or 'messages'.")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+        for message in messages:
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
+                raise InputError(f"{where}: every message needs a string 'role' and a string 'content'.")
+        if not any(m["content"].strip() for m in messages):
+            raise InputError(f"{where}: every message of this conversation is empty.")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    prompt, response = record.get("prompt"), record.get("response")
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise InputError(f"{where}: expected string 'prompt' and 'response' keys (or a 'messages' list).")
+    if not prompt.strip() or not response.strip():
+        raise InputError(f"{where}: 'prompt' and 'response' must not be empty.")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def read_conversations(path: str | Path) -> list[tuple[str, Conversation]]:
+    """Parse a safety JSONL file into ``(file:line, conversation)`` pairs.
+
+    Blank lines at the end of the file are ignored; a blank or malformed line anywhere else raises
+    ``InputError`` naming ``file:line``, because a silently skipped record changes the Hessians.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise InputError(f"safety data file {path} does not exist.") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read safety data file {path} as UTF-8 text: {err}.") from err
+    conversations = []
+    for number, line in enumerate(text.rstrip().splitlines(), start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            raise InputError(f"{where}: empty line; each line must be one JSON record.")
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{where}: not valid JSON ({err.args[0] if err.args else err}).") from err
+        conversations.append((where, _conversation(record, where)))
+    if not conversations:
+        raise InputError(f"safety data file {path} holds no records.")
+    return conversations
+
+
+def render(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of one whole conversation as the model would see it in chat.
+
+    With a chat template: the template's own tokens (``add_special_tokens`` is off, the template
+    writes BOS itself). Without: the message texts joined by newlines, the tokenizer's usual
+    special tokens, and EOS so the model sees the response end.
+    """
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    ids = list(tokenizer("\n".join(m["content"] for m in conversation))["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The rendered calibration data: what the Hessians of a model are computed on.
+
+    ``samples`` are 1-D int64 token id tensors (one per conversation, at most ``max_length``
+    long); ``truncated`` counts conversations cut at ``max_length``; ``templated`` says whether
+    the chat template was used.
+    """
+
+    samples: list[torch.Tensor]
+    source: str
+    max_length: int
+    truncated: int = 0
+    templated: bool = False
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the token ids, in order: the data part of the Hessian cache key.
+
+        The ids already reflect the file, the tokenizer, the chat template and ``max_length``,
+        and the Hessians depend on nothing else in the data, so equal digests mean equal H.
+        """
+        h = hashlib.sha256(b"deltafix-calibration-v1")
+        for sample in self.samples:
+            ids = sample.to(torch.int64).contiguous()
+            h.update(len(ids).to_bytes(8, "little"))
+            h.update(ids.numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.samples)
+
+
+def load_calibration(
+    path: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> CalibrationSet:
+    """Read and render a safety JSONL file (None: the built-in set) with ``tokenizer``."""
+    if max_length < 1:
+        raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")
+    source = Path(path) if path is not None else default_safety_data()
+    samples, truncated = [], 0
+    for where, conversation in read_conversations(source):
+        try:
+            ids = render(conversation, tokenizer)
+        except TemplateError as err:
+            raise InputError(f"{where}: the model's chat template rejects this conversation ({err}).") from err
+        if not ids:
+            raise InputError(f"{where}: the conversation renders to no tokens.")
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[:max_length]
+        samples.append(torch.tensor(ids, dtype=torch.int64))
+    return CalibrationSet(
+        samples=samples,
+        source=str(source),
+        max_length=max_length,
+        truncated=truncated,
+        templated=bool(tokenizer.chat_template),
+    )
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer (and chat template) saved in a checkpoint folder; never runs remote code."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the tokenizer of {folder} ({err}); the folder needs tokenizer files.") from err

@@ -34,28 +34,19 @@ from deltafix.hessians import (
     decoder_layers,
     hessian_shapes,
 )
+from deltafix.io.hashing import file_sha256, sha256_file
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
+from deltafix.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
-FILE_HASHES = "file_hashes.json"
-CHUNK = 16 * 1024 * 1024
 
 
 def default_cache_dir() -> Path:
-    """``$DELTAFIX_CACHE/hessians``, else ``~/.cache/deltafix/hessians``."""
-    root = os.environ.get("DELTAFIX_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "deltafix") / "hessians"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """``<deltafix cache>/hessians`` (``$DELTAFIX_CACHE``, else ``~/.cache/deltafix``)."""
+    return cache_root() / "hessians"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -79,33 +70,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def checkpoint_file_hash(path: Path, memo: Path) -> str:
-    """sha256 of a (large, read-only) weight file, remembered in ``memo`` by path, size and mtime.
-
-    Hashing a 7B checkpoint takes tens of seconds; a file whose size and mtime are unchanged is
-    taken to be unchanged, as ``make`` and ``rsync`` do.
-    """
-    stat = path.stat()
-    ident = str(path.resolve())
-    table = _read_json(memo)
-    table = table if isinstance(table, dict) else {}
-    known = table.get(ident)
-    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
-        return str(known["sha256"])
-    digest = sha256_file(path)
-    table[ident] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    _write_atomic(memo, json.dumps(table, indent=1, sort_keys=True).encode())
-    return digest
-
-
-def cache_key(folder: str | Path, data: CalibrationSet, dtype: torch.dtype, memo: Path) -> str:
+def cache_key(folder: str | Path, data: CalibrationSet, dtype: torch.dtype) -> str:
     """sha256 of everything H depends on: weight files, config, token ids, compute dtype."""
     folder = Path(folder)
     reader = CheckpointReader(folder)
     config = folder / "config.json"
     payload = {
         "version": CACHE_VERSION,
-        "weights": {f.name: checkpoint_file_hash(f, memo) for f in reader.files},
+        "weights": {f.name: file_sha256(f) for f in reader.files},
         "config": sha256_file(config) if config.exists() else None,
         "data": data.digest,
         "dtype": str(dtype),
@@ -299,7 +271,7 @@ def hessians_for(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the Hessian cache folder {root} ({err}); pass another cache folder.") from err
-    key = cache_key(folder, data, dtype, root / FILE_HASHES)
+    key = cache_key(folder, data, dtype)
     entry = root / key
     reason = entry_problem(entry, key, shapes) if entry.exists() else None
     if entry.exists() and reason is None:

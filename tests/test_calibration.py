@@ -223,20 +223,21 @@ def test_cache_reuse_corruption_and_key(llama_dir, tmp_path, counted_capture):
     assert entries == sorted([first.key, other.key])
 
 
-def test_cache_key_follows_weights_and_dtype(tmp_path):
+def test_cache_key_follows_weights_and_dtype(tmp_path, monkeypatch):
     """Rewriting the weights in place changes the key even though the file hash is memoised."""
+    monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "cache"))
     folder = save_model(tiny_config("llama", layers=2), tmp_path / "model")
     data = calib([6, 6])
-    memo = tmp_path / "hashes.json"
-    before = cache_key(folder, data, torch.float32, memo)
-    assert cache_key(folder, data, torch.float32, memo) == before
-    assert str((folder / "model.safetensors").resolve()) in json.loads(memo.read_text())
-    assert cache_key(folder, data, torch.bfloat16, memo) != before
+    memo = tmp_path / "cache" / "file-sha256.json"
+    before = cache_key(folder, data, torch.float32)
+    assert cache_key(folder, data, torch.float32) == before
+    assert any(k.startswith(str((folder / "model.safetensors").resolve())) for k in json.loads(memo.read_text()))
+    assert cache_key(folder, data, torch.bfloat16) != before
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.add_(1.0)
     model.save_pretrained(folder)
-    assert cache_key(folder, data, torch.float32, memo) != before
+    assert cache_key(folder, data, torch.float32) != before
 
 
 def test_no_cache_reads_and_writes_nothing(llama_dir, tmp_path, monkeypatch, counted_capture):

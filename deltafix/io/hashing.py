@@ -33,17 +33,23 @@ def _memo_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes; reused from the memo while size and mtime are unchanged."""
-    key = _memo_key(path)
-    memo = _load_memo()
-    if key in memo:
-        return memo[key]
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks (no memo)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
-    value = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a (large, read-only) file, reused from the memo while size and mtime are
+    unchanged, as ``make`` and ``rsync`` judge files."""
+    key = _memo_key(path)
+    memo = _load_memo()
+    if key in memo:
+        return memo[key]
+    value = sha256_file(path)
     memo = _load_memo()
     memo[key] = value
     target = _memo_path()

@@ -104,6 +104,10 @@ def repair(
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
                                       "could keep an adapter (asft, safelora)."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Compute calibration Hessians afresh; neither read nor write the cache."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="<deltafix cache>/hessians",
+                                             help="Where calibration Hessians are cached (reused across fine-tunes)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> None:
     """Repair a fine-tuned checkpoint: read A and F, edit the delta with a method, write OUT.
@@ -119,7 +123,8 @@ def repair(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
         safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
         shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
-        allow_nonfinite=allow_nonfinite, as_full=as_full, command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+        allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=cache_dir, no_cache=no_cache,
+        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     )
     result = run_repair(opts)
     shards = [

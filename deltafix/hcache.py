@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from deltafix.calibration import CalibrationSet
 from deltafix.errors import InputError
 from deltafix.hessians import (
+    TensorSource,
     DEFAULT_BATCH_SIZE,
     build_skeleton,
     capture_hessians,
@@ -70,14 +71,17 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def cache_key(folder: str | Path, data: CalibrationSet, dtype: torch.dtype) -> str:
-    """sha256 of everything H depends on: weight files, config, token ids, compute dtype."""
+def cache_key(folder: str | Path, data: CalibrationSet, dtype: torch.dtype,
+              source: TensorSource | None = None) -> str:
+    """sha256 of everything H depends on: weight files (the ``source``'s own files too, e.g. a LoRA
+    adapter merged on the fly), config, token ids, compute dtype."""
     folder = Path(folder)
     reader = CheckpointReader(folder)
     config = folder / "config.json"
+    files = [*reader.files, *getattr(source, "files", [])]
     payload = {
         "version": CACHE_VERSION,
-        "weights": {f.name: file_sha256(f) for f in reader.files},
+        "weights": {str(i): file_sha256(f) for i, f in enumerate(files)},
         "config": sha256_file(config) if config.exists() else None,
         "data": data.digest,
         "dtype": str(dtype),
@@ -186,6 +190,7 @@ def _build_entry(
     batch_size: int,
     progress: Callable[[int, int], None] | None,
     n_layers: int,
+    source: TensorSource | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Capture the Hessians layer by layer into a new temporary folder under ``parent``.
 
@@ -196,7 +201,8 @@ def _build_entry(
     weights: dict[str, dict[str, str]] = {}
     files: dict[str, dict[str, Any]] = {}
     try:
-        for layer in capture_hessians(folder, data.samples, device=device, dtype=dtype, batch_size=batch_size):
+        for layer in capture_hessians(folder, data.samples, device=device, dtype=dtype, batch_size=batch_size,
+                                      source=source):
             file = f"layer_{layer.index:05d}.safetensors"
             first_name: dict[int, str] = {}
             for name, h in layer.hessians.items():
@@ -252,6 +258,7 @@ def hessians_for(
     dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    source: TensorSource | None = None,
 ) -> HessianStore:
     """The Hessians of the model in ``folder`` on ``data``: from the cache, or captured and cached.
 
@@ -261,7 +268,8 @@ def hessians_for(
     skeleton = build_skeleton(folder)
     shapes = hessian_shapes(skeleton)
     n_layers = len(decoder_layers(skeleton)[1])
-    options = {"device": device, "dtype": dtype, "batch_size": batch_size, "progress": progress, "n_layers": n_layers}
+    options = {"device": device, "dtype": dtype, "batch_size": batch_size, "progress": progress, "n_layers": n_layers,
+               "source": source}
     if no_cache:
         owner = tempfile.TemporaryDirectory(prefix="deltafix-hessians-")
         work, manifest = _build_entry(Path(owner.name), "uncached", folder, data, **options)
@@ -271,7 +279,7 @@ def hessians_for(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the Hessian cache folder {root} ({err}); pass another cache folder.") from err
-    key = cache_key(folder, data, dtype)
+    key = cache_key(folder, data, dtype, source)
     entry = root / key
     reason = entry_problem(entry, key, shapes) if entry.exists() else None
     if entry.exists() and reason is None:

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -25,6 +25,8 @@ from deltafix.config import recipe_yaml
 from deltafix.devices import resolve_device, resolve_dtype
 from deltafix.errors import InputError, OptionError
 from deltafix.adapter_repair import repair_adapter_factors
+from deltafix.hcache import HessianStore
+from deltafix.hessian_inputs import Hessians, method_hessians
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
@@ -59,6 +61,8 @@ class RepairOptions:
     allow_pickle: bool = False
     allow_nonfinite: bool = False
     as_full: bool = False
+    hessian_cache: Path | None = None
+    no_cache: bool = False
     command: str = ""
     progress: bool = True
 
@@ -116,20 +120,6 @@ def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Te
     return reader.get(name).to(device=device, dtype=torch.float32)
 
 
-class HessianSource(Protocol):
-    """Per-Linear Gram matrices by weight name, (in, in) fp32, loaded on demand."""
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-
-@dataclass
-class Hessians:
-    """``safety``: H of A on the safety data; ``utility``: H of F on the user's data."""
-
-    safety: HessianSource | None = None
-    utility: HessianSource | None = None
-
-
 def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool,
              hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
     """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
@@ -156,7 +146,7 @@ def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: boo
         ), grown
 
 
-def _on_device(source: HessianSource | None, spec: PlannedTensor,
+def _on_device(source: HessianStore | None, spec: PlannedTensor,
                device: torch.device) -> Callable[[], torch.Tensor] | None:
     if source is None or not spec.is_linear:
         return None
@@ -229,7 +219,14 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         if result.output_kind == "adapter":
             result.report = _repair_adapter_into(opts, method, inputs, plan, shards, device, digests, started)
         else:
-            result.report = _repair_into(opts, method, inputs, plan, shards, device, Hessians(), digests, started)
+            hessians = method_hessians(method, inputs.aligned.folder, inputs.finetuned.folder,
+                                       inputs.readers["finetuned"], safety_data=opts.safety_data,
+                                       utility_data=opts.utility_data, device=device,
+                                       cache_dir=opts.hessian_cache, no_cache=opts.no_cache)
+            try:
+                result.report = _repair_into(opts, method, inputs, plan, shards, device, hessians, digests, started)
+            finally:
+                hessians.close()
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
     for reader in inputs.readers.values():
@@ -260,6 +257,8 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)
         report["output"]["kind"] = "full"
+        if hessians.safety is not None:
+            report["calibration"] = hessians.summary()
         _write_provenance(tmp, report, method, opts, inputs)
     return report
 

@@ -1,0 +1,69 @@
+"""The Gram matrices a Hessian method needs, from the right model on the right data.
+
+Safe Delta and RegMean use ``H_s``: inputs of the aligned model A on the safety data. RegMean
+also uses ``H_u``: inputs of the fine-tune F on a sample of the user's own data. Both come from
+the on-disk cache when A (or F) and the data are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltafix.calibration import load_calibration, load_tokenizer
+from deltafix.errors import InputError, OptionError
+from deltafix.hcache import HessianStore, hessians_for
+from deltafix.io.overlay import AdapterCheckpoint
+from deltafix.io.reader import CheckpointReader
+from deltafix.methods import Method
+
+
+@dataclass
+class Hessians:
+    """``safety``: H of A on the safety data; ``utility``: H of F on the user's data (per weight name)."""
+
+    safety: HessianStore | None = None
+    utility: HessianStore | None = None
+
+    def close(self) -> None:
+        for store in (self.safety, self.utility):
+            if store is not None:
+                store.close()
+
+    def summary(self) -> dict[str, object]:
+        return {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
+                for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
+
+
+def _tokenizer(*folders: Path):
+    """The first folder's tokenizer that loads (an adapter folder often has none)."""
+    for folder in folders:
+        if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+            return load_tokenizer(folder)
+    raise InputError(f"no tokenizer found in {', '.join(str(f) for f in folders)}; calibration needs one.")
+
+
+def method_hessians(method: Method, aligned: Path, finetuned: Path, finetuned_reader: CheckpointReader | AdapterCheckpoint,
+                    *, safety_data: Path | None, utility_data: Path | None, device: torch.device,
+                    cache_dir: Path | None = None, no_cache: bool = False) -> Hessians:
+    """Capture (or load from the cache) what ``method`` needs; raise if its data is missing."""
+    if not method.needs_hessian:
+        return Hessians()
+    if method.needs_utility and utility_data is None:
+        raise OptionError(
+            f"method {method.name} weighs safety against your task, so it needs a sample of the data F was "
+            "fine-tuned on: pass --utility-data FILE (JSONL with prompt/response or messages)."
+        )
+    safety_set = load_calibration(safety_data, _tokenizer(aligned))
+    hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
+                                            device=device))
+    if method.needs_utility:
+        assert utility_data is not None
+        adapter = isinstance(finetuned_reader, AdapterCheckpoint)
+        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
+        hessians.utility = hessians_for(aligned if adapter else finetuned, user_set, cache_dir=cache_dir,
+                                        no_cache=no_cache, device=device,
+                                        source=finetuned_reader if adapter else None)
+    return hessians

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -25,8 +25,6 @@ from deltafix.config import recipe_yaml
 from deltafix.devices import resolve_device, resolve_dtype
 from deltafix.errors import InputError, OptionError
 from deltafix.adapter_repair import repair_adapter_factors
-from deltafix.hcache import HessianStore
-from deltafix.hessian_inputs import Hessians, method_hessians
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
@@ -36,6 +34,10 @@ from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_outp
 from deltafix.methods import Method, MethodParams, Repaired, WeightTensors, get_method
 from deltafix.methods.stats import delta_norms
 from deltafix.plan import Plan, PlannedTensor, build_plan
+
+if TYPE_CHECKING:
+    from deltafix.hcache import HessianStore
+    from deltafix.hessian_inputs import Hessians
 
 REPORT_NAME = "deltafix_report.json"
 RECIPE_NAME = "deltafix_recipe.yaml"
@@ -116,6 +118,12 @@ def estimate_peak_bytes(plan: Plan, n_inputs: int) -> int:
     return largest * (n_inputs + 2)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum); the exact elementwise
+    check runs only when the sum is not finite, which a legitimate overflow could also cause."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Tensor:
     return reader.get(name).to(device=device, dtype=torch.float32)
 
@@ -123,12 +131,13 @@ def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Te
 def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool,
              hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
     """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
-    hessians = hessians or Hessians()
+    safety = hessians.safety if hessians is not None else None
+    utility = hessians.utility if hessians is not None else None
     a, f = inputs.readers["aligned"], inputs.readers["finetuned"]
     p = inputs.readers.get("unaligned")
     for spec in plan.tensors:
         finetuned = _load(f, spec.name, device)
-        if check_finite and not torch.isfinite(finetuned).all():
+        if check_finite and not all_finite(finetuned):
             raise InputError(
                 f"the fine-tune's tensor {spec.name!r} contains NaN or Inf; fix it or pass --allow-nonfinite."
             )
@@ -141,8 +150,8 @@ def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: boo
             finetuned=finetuned,
             unaligned=_load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None,
             is_linear=spec.is_linear,
-            hessian=_on_device(hessians.safety, spec, device),
-            utility_hessian=_on_device(hessians.utility, spec, device),
+            hessian=_on_device(safety, spec, device),
+            utility_hessian=_on_device(utility, spec, device),
         ), grown
 
 
@@ -219,6 +228,8 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         if result.output_kind == "adapter":
             result.report = _repair_adapter_into(opts, method, inputs, plan, shards, device, digests, started)
         else:
+            from deltafix.hessian_inputs import method_hessians  # imports transformers: only when needed
+
             hessians = method_hessians(method, inputs.aligned.folder, inputs.finetuned.folder,
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
                                        utility_data=opts.utility_data, device=device,

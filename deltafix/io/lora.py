@@ -22,6 +22,7 @@ model's ``transformer.h.0…``) are resolved against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -30,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -55,10 +54,21 @@ FACTOR_SUFFIXES: dict[str, tuple[str, bool]] = {
 # Init schemes that rewrite the base weights at load time: the adapter only makes sense on
 # that rewritten base, which deltafix does not reconstruct.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# Config fields that change the forward/merge math beyond what this module implements.
-UNSUPPORTED_FIELDS = tuple(
-    f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant") and f.name != "use_dora"
-) + ("use_qalora", "layer_replication", "target_parameters", "trainable_token_indices")
+
+
+@functools.cache
+def unsupported_fields() -> tuple[str, ...]:
+    """Config fields that change the forward/merge math beyond what this module implements.
+
+    Read from the installed peft's own field metadata (imported here, not at module load: peft
+    pulls in transformers, which would slow every ``deltafix`` command by seconds).
+    """
+    from peft import LoraConfig
+
+    variants = tuple(
+        f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant") and f.name != "use_dora"
+    )
+    return variants + ("use_qalora", "layer_replication", "target_parameters", "trainable_token_indices")
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -68,6 +78,8 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 def lora_scaling(config: Mapping, path: str) -> tuple[int, float]:
     """``(r, scaling)`` PEFT gives the module at ``path`` (its name in the model, no prefix)."""
+    from peft.utils.other import get_pattern_key
+
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), path), config["r"])
@@ -381,7 +393,7 @@ def _read_config(folder: Path) -> dict:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(f"{folder} is a PEFT {peft_type or 'unknown-type'} adapter; only LoRA adapters are supported.")
-    for field in UNSUPPORTED_FIELDS:
+    for field in unsupported_fields():
         if config.get(field):
             raise InputError(
                 f"{folder} uses the PEFT option {field!r}, which deltafix does not read; merge the adapter "

@@ -111,7 +111,9 @@ def test_collator_pads_labels_with_ignore_index() -> None:
 
 @pytest.mark.parametrize("bad, why", [("{\"prompt\": \"hi\"", "not valid JSON"), ("", "empty line"),
                                       ("{\"prompt\": \"hi\"}", "\"response\""), ("[1, 2]", "JSON object"),
-                                      ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "assistant")])
+                                      ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "assistant"),
+                                      ("{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}, "
+                                       "{\"role\": \"assistant\", \"content\": \"y\"}]}", "user turn")])
 def test_malformed_line_reported_with_file_and_line(tmp_path: Path, bad: str, why: str) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + bad + "\n"

@@ -54,7 +54,10 @@ def _train(as_json: bool, **fields: Any) -> None:
     except ValidationError as err:
         first = err.errors()[0]
         raise OptionError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}.") from None
-    report = train_adapter(opts).report
+    result = train_adapter(opts)
+    report = result.report
+    if not result.main_process:
+        return
     if as_json:
         typer.echo(json.dumps({"out": str(opts.out), **report}, indent=2))
         return

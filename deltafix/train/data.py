@@ -60,9 +60,10 @@ def _messages_of(obj: Any, where: str) -> list[dict[str, str]]:
             if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
                 raise InputError(f"{where}: each message needs a role (system, user or assistant) and a "
                                  f"string content; got {json.dumps(m)[:80]}.")
-        if messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant":
-            raise InputError(f"{where}: a conversation must start before the assistant and end with an "
-                             "assistant turn (the response to learn).")
+        if (messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant"
+                or not any(m["role"] == "user" for m in messages)):
+            raise InputError(f"{where}: a conversation must open with a user (or system) turn, hold a user "
+                             "turn, and end with an assistant turn (the response to learn).")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     prompt, response = obj.get("prompt"), obj.get("response")
     if isinstance(prompt, str) and isinstance(response, str) and prompt and response:

@@ -73,10 +73,12 @@ class TrainOptions(BaseModel):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where the adapter was written and the report written next to it."""
+    """Where the adapter was written, the report written next to it, and whether this process wrote them
+    (in an ``accelerate launch`` run every process returns a result; only the main one should print)."""
 
     out: Path
     report: dict[str, Any]
+    main_process: bool = True
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -239,7 +241,7 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
     if accelerator.is_main_process:
         _publish(accelerator.unwrap_model(model), report, opts.out)
     accelerator.wait_for_everyone()
-    return TrainResult(opts.out, report)
+    return TrainResult(opts.out, report, accelerator.is_main_process)
 
 
 def _publish(model, report: dict[str, Any], out: Path) -> None:

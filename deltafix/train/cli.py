@@ -1,0 +1,156 @@
+"""``deltafix train``: the companion trainer's commands (mounted by ``deltafix.cli``).
+
+Thin like the main CLI: parse, build ``TrainOptions``, call the library, print. Errors are
+``DeltafixError``s, which the main entry point turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+
+from deltafix.errors import OptionError
+
+train_app = typer.Typer(
+    help="Fine-tune a LoRA adapter on the aligned base that keeps its safety: SPARD (DPP-selected safety "
+    "data + SPAG correction), the AsFT penalty, or plain LoRA for comparison; `select` runs the DPP alone.",
+    no_args_is_help=True,
+)
+
+Base = Annotated[str, typer.Option("--base", help="Aligned base model A to tune: local folder or Hub id.")]
+Data = Annotated[Path, typer.Option("--data", help="User training data, JSONL of prompt/response or messages.")]
+Out = Annotated[Path, typer.Option("--out", help="Output folder for the PEFT adapter and the training report.")]
+Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the user data.")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps.")]
+Lr = Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per batch (per process).")]
+LoraR = Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank r.")]
+LoraAlpha = Annotated[float, typer.Option("--lora-alpha", min=0.0, help="LoRA alpha (scaling alpha/r).")]
+Targets = Annotated[str, typer.Option("--target-modules", help="Comma-separated Linear names to adapt.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of LoRA init and data order.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Base weights dtype: auto, float32, float16, bfloat16.")]
+MaxLength = Annotated[int, typer.Option("--max-length", min=2, help="Longest tokenized example.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the summary.")]
+SafetyData = Annotated[Optional[Path], typer.Option("--safety-data",
+                                                    help="Safety JSONL (default: built-in calibration set).")]
+P = Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="DPP subset size: ceil(p * |user data|).")]
+Beta = Annotated[float, typer.Option("--beta", min=0.0, help="DPP relevance exponent β.")]
+
+DEFAULT_TARGETS = "q_proj,v_proj,gate_proj,up_proj,down_proj"
+
+
+def _train(as_json: bool, **fields: Any) -> None:
+    from deltafix.train.spard import TrainOptions, train_adapter
+
+    fields["target_modules"] = [t.strip() for t in fields["target_modules"].split(",") if t.strip()]
+    try:
+        opts = TrainOptions(progress=not as_json, **fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise OptionError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}.") from None
+    result = train_adapter(opts)
+    report = result.report
+    if not result.main_process:
+        return
+    if as_json:
+        typer.echo(json.dumps({"out": str(opts.out), **report}, indent=2))
+        return
+    line = (f"trained {opts.mode} adapter for {report['steps']} steps in {report['seconds']:.1f}s; "
+            f"final loss {report['losses'][-1]:.4f}")
+    if opts.mode == "spard":
+        line += (f"; {report['safety_examples']} of {report['safety_pool']} safety examples; "
+                 f"SPAG fired {report['corrections_fired']} times")
+    typer.echo(f"{line}; wrote {opts.out}")
+
+
+@train_app.command()
+def select(
+    base: Base,
+    data: Data,
+    pool: Annotated[Path, typer.Option("--pool", help="Candidate safety data, JSONL.")],
+    out: Annotated[Path, typer.Option("--out", help="Output JSONL: the chosen pool records, greedy order.")],
+    p: P = 0.03,
+    beta: Beta = 4.0,
+    batch_size: BatchSize = 8,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Pick a relevant, diverse subset of safety data for the user's data (DPP greedy MAP)."""
+    from deltafix.devices import resolve_device
+    from deltafix.train.data import load_records, write_records
+    from deltafix.train.dpp import select_subset
+    from deltafix.train.spard import load_base
+
+    model, tokenizer = load_base(base, dtype)
+    model.to(resolve_device(device))
+    user, candidates = load_records(data), load_records(pool)
+    picked = select_subset(model, tokenizer, [r.prompt_text for r in candidates], [r.prompt_text for r in user],
+                           p, beta, batch_size=batch_size, progress=not as_json)
+    write_records([candidates[i] for i in picked], out)
+    summary = {"out": str(out), "selected": picked, "pool": len(candidates), "user_examples": len(user)}
+    typer.echo(json.dumps(summary, indent=2) if as_json else
+               f"selected {len(picked)} of {len(candidates)} safety examples; wrote {out}")
+
+
+@train_app.command()
+def spard(
+    base: Base, data: Data, out: Out,
+    safety_data: SafetyData = None,
+    select: Annotated[bool, typer.Option("--select/--no-select",
+                                         help="Pick the safety subset with the DPP, or use all of it.")] = True,
+    p: P = 0.03,
+    beta: Beta = 4.0,
+    tau: Annotated[float, typer.Option("--tau", min=0.0, help="SPAG fires when the safety loss exceeds τ.")] = 0.2,
+    eta_safe: Annotated[Optional[float], typer.Option("--eta-safe", min=0.0,
+                                                      help="Largest SPAG step (default: --lr).")] = None,
+    spag: Annotated[str, typer.Option("--spag", help="paper: projection step; code: optimizer step on the "
+                                                     "safety batch when loss > τ + δ.")] = "paper",
+    delta: Annotated[float, typer.Option("--delta", min=0.0, help="Margin δ of --spag code.")] = 0.1,
+    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
+    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    overwrite: Overwrite = False, as_json: AsJson = False,
+) -> None:
+    """SPARD: LoRA on the user data with SPAG safety corrections on DPP-selected safety data."""
+    _train(as_json, mode="spard", base=base, data=data, out=out, safety_data=safety_data, select=select, p=p,
+           beta=beta, tau=tau, eta_safe=eta_safe, spag=spag, delta=delta, epochs=epochs, max_steps=max_steps,
+           lr=lr, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
+           seed=seed, device=device, dtype=dtype, max_length=max_length, overwrite=overwrite)
+
+
+@train_app.command()
+def asft(
+    base: Base, data: Data, out: Out,
+    unaligned: Annotated[str, typer.Option("--unaligned", help="Pre-alignment base P of --base.")],
+    lam: Annotated[float, typer.Option("--lam", min=0.0, help="Weight λ of the AsFT penalty.")] = 1.0,
+    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
+    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    overwrite: Overwrite = False, as_json: AsJson = False,
+) -> None:
+    """LoRA with the AsFT penalty λ Σ ‖(I − C) B A‖²: updates outside the alignment direction cost."""
+    _train(as_json, mode="asft", base=base, data=data, out=out, unaligned=unaligned, lam=lam, epochs=epochs,
+           max_steps=max_steps, lr=lr, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
+           target_modules=target_modules, seed=seed, device=device, dtype=dtype, max_length=max_length,
+           overwrite=overwrite)
+
+
+@train_app.command()
+def lora(
+    base: Base, data: Data, out: Out,
+    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
+    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    overwrite: Overwrite = False, as_json: AsJson = False,
+) -> None:
+    """Plain LoRA on the user data (no safety term): the baseline to compare against."""
+    _train(as_json, mode="lora", base=base, data=data, out=out, epochs=epochs, max_steps=max_steps, lr=lr,
+           batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
+           seed=seed, device=device, dtype=dtype, max_length=max_length, overwrite=overwrite)

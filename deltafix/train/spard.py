@@ -1,0 +1,260 @@
+"""LoRA fine-tuning of the aligned base on the user's data, with an optional safety term.
+
+Three modes share one loop (DESIGN §6, §5.2):
+- ``lora``: plain LoRA, cross-entropy on response tokens (the baseline);
+- ``spard``: DPP-selected safety data (``dpp``) and, after every utility step, the SPAG correction
+  (``spag``) on a safety batch; ``spag="code"`` instead takes an optimizer step on the safety
+  batch whenever ℓ > τ + δ;
+- ``asft``: the loss gets ``λ Σ_l ‖(I − C_l) B_l A_l‖²_F`` (``asft``), which needs the unaligned P.
+Multi-process runs go through accelerate (``accelerate launch``): the safety loss is averaged
+over processes before the SPAG decision, so every process takes the same step.
+
+The output is a PEFT adapter folder plus ``deltafix_train_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from deltafix import __version__
+from deltafix.devices import resolve_device, resolve_dtype
+from deltafix.errors import InputError, MismatchError, OptionError, OutputError
+from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
+
+REPORT_NAME = "deltafix_train_report.json"
+LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainOptions(BaseModel):
+    """Every option of a training run; also written to the report, so the run can be repeated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["lora", "spard", "asft"] = "spard"
+    base: str
+    data: Path
+    out: Path
+    safety_data: Path | None = Field(None, description="safety JSONL; None: the built-in calibration set")
+    select: bool = Field(True, description="pick the safety subset with the DPP (spard)")
+    p: float = Field(0.03, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
+    beta: float = Field(4.0, ge=0, description="DPP relevance exponent")
+    unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many utility steps")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    lora_r: int = Field(32, ge=1)
+    lora_alpha: float = Field(64.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS))
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = Field(1024, ge=2)
+    tau: float = Field(0.2, ge=0, description="SPAG safety-loss threshold")
+    eta_safe: float | None = Field(None, gt=0, description="SPAG largest step; None: lr")
+    spag: Literal["paper", "code"] = "paper"
+    delta: float = Field(0.1, ge=0, description="margin of the code SPAG variant: step when loss > tau + delta")
+    lam: float = Field(1.0, ge=0, description="AsFT penalty weight")
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the adapter was written, the report written next to it, and whether this process wrote them
+    (in an ``accelerate launch`` run every process returns a result; only the main one should print)."""
+
+    out: Path
+    report: dict[str, Any]
+    main_process: bool = True
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} is not empty; pass --overwrite to replace it or choose another --out.")
+
+
+def load_base(ref: str, dtype: str = "auto"):
+    """The causal LM at ``ref`` (folder or Hub id) and its tokenizer, prepared for training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltafix.io.refs import resolve_ref
+
+    folder = resolve_ref(ref).folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype) or "auto")
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a causal LM with its tokenizer from {ref}: {err}") from err
+    return model, prepare_tokenizer(tokenizer)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless stream of batches, reshuffled every pass."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _safety_records(opts: TrainOptions, model, tokenizer, user: list[Record], accelerator) -> tuple[list[Record], int]:
+    """The safety records to train on and the size of the pool they came from."""
+    from accelerate.utils import broadcast_object_list
+
+    from deltafix.train.dpp import select_subset
+
+    pool = load_records(opts.safety_data or BUILTIN_SAFETY_DATA)
+    if not opts.select:
+        return pool, len(pool)
+    picked: list[Any] = [None]
+    if accelerator.is_main_process:
+        model.to(accelerator.device)
+        picked[0] = select_subset(model, tokenizer, [r.prompt_text for r in pool], [r.prompt_text for r in user],
+                                  opts.p, opts.beta, batch_size=opts.batch_size, progress=opts.progress)
+    broadcast_object_list(picked)
+    return [pool[i] for i in picked[0]], len(pool)
+
+
+def _lora_model(model, opts: TrainOptions):
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, target_modules=opts.target_modules,
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except NoMatchingPeftModuleError as err:
+        raise MismatchError(f"none of the target modules {opts.target_modules} exists in {opts.base}; "
+                            "set --target-modules to its Linear names.") from err
+
+
+def _loader(features: list[dict[str, list[int]]], tokenizer, batch_size: int, seed: int) -> DataLoader:
+    return DataLoader(features, batch_size=batch_size, shuffle=True, collate_fn=collator(tokenizer),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_adapter(opts: TrainOptions) -> TrainResult:
+    """Run one training job (``opts.mode``) and write the adapter and report into ``opts.out``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from deltafix.io.reader import CheckpointReader
+    from deltafix.io.refs import resolve_ref
+    from deltafix.train.asft import asft_regulariser, asft_terms
+    from deltafix.train.spag import spag_correct
+
+    if opts.mode == "asft" and not opts.unaligned:
+        raise OptionError("asft training needs --unaligned, the pre-alignment base P of --base.")
+    _check_output(opts.out, opts.overwrite)
+    accelerator = Accelerator(cpu=resolve_device(opts.device).type == "cpu")
+    set_seed(opts.seed)
+    started = time.perf_counter()
+
+    model, tokenizer = load_base(opts.base, opts.dtype)
+    user = load_records(opts.data)
+    safety, pool_size = ([], 0)
+    if opts.mode == "spard":
+        safety, pool_size = _safety_records(opts, model, tokenizer, user, accelerator)
+    model = _lora_model(model, opts)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=opts.lr)
+    user_loader = _loader(tokenize_records(tokenizer, user, opts.max_length), tokenizer, opts.batch_size, opts.seed)
+    loaders = [user_loader]
+    if safety:
+        loaders.append(_loader(tokenize_records(tokenizer, safety, opts.max_length), tokenizer,
+                               opts.batch_size, opts.seed + 1))
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
+    terms = []
+    if opts.mode == "asft":
+        terms = asft_terms(accelerator.unwrap_model(model), CheckpointReader(resolve_ref(opts.unaligned).folder))
+
+    steps = opts.max_steps or opts.epochs * len(loaders[0])
+    user_batches = _batches(loaders[0])
+    safety_batches = _batches(loaders[1]) if safety else None
+    eta_safe = opts.eta_safe or opts.lr
+    losses: list[float] = []
+    penalties: list[float] = []
+    safety_losses: list[float] = []
+    fired: list[int] = []
+    bar = tqdm(range(steps), desc=opts.mode, unit="step", disable=not (opts.progress and accelerator.is_main_process))
+    for step in bar:
+        model.train()
+        loss = model(**next(user_batches)).loss
+        objective = loss
+        if terms:
+            penalty = asft_regulariser(terms)
+            objective = loss + opts.lam * penalty
+            penalties.append(accelerator.reduce(penalty.detach(), "mean").item())
+        accelerator.backward(objective)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        if safety_batches is not None:
+            safety_loss = model(**next(safety_batches)).loss
+            accelerator.backward(safety_loss)
+            ell = accelerator.reduce(safety_loss.detach(), "mean").item()
+            safety_losses.append(ell)
+            if opts.spag == "paper":
+                corrected = spag_correct(trainable, ell, opts.tau, eta_safe) > 0
+            else:
+                corrected = ell > opts.tau + opts.delta
+                if corrected:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if corrected:
+                fired.append(step)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", fired=len(fired))
+
+    report = {
+        "deltafix_version": __version__,
+        "mode": opts.mode,
+        "options": opts.model_dump(mode="json"),
+        "steps": steps,
+        "num_processes": accelerator.num_processes,
+        "user_examples": len(user),
+        "safety_pool": pool_size,
+        "safety_examples": len(safety),
+        "losses": losses,
+        "safety_losses": safety_losses,
+        "asft_penalties": penalties,
+        "corrections_fired": len(fired),
+        "correction_steps": fired,
+        "seconds": time.perf_counter() - started,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(accelerator.unwrap_model(model), report, opts.out)
+    accelerator.wait_for_everyone()
+    return TrainResult(opts.out, report, accelerator.is_main_process)
+
+
+def _publish(model, report: dict[str, Any], out: Path) -> None:
+    """Write adapter and report into a temporary sibling folder, then move it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".deltafix-tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+

@@ -287,6 +287,15 @@ def merge_lora(
          f"{'an adapter' if as_adapter else 'a full checkpoint'} in {report['timings']['total_seconds']:.1f}s")
 
 
+def _mount_train() -> None:
+    from deltafix.train.cli import train_app
+
+    app.add_typer(train_app, name="train", help="Fine-tune safely when repair is not enough (SPARD, AsFT, plain LoRA).")
+
+
+_mount_train()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; turns every failure into an exit code."""
     command = typer.main.get_command(app)

@@ -4,10 +4,11 @@ from deltafix.methods.registry import (
     Method,
     MethodParams,
     Repaired,
+    TuneSpec,
     WeightTensors,
     get_method,
     method_names,
     register,
 )
 
-__all__ = ["Method", "MethodParams", "Repaired", "WeightTensors", "get_method", "method_names", "register"]
+__all__ = ["Method", "MethodParams", "Repaired", "TuneSpec", "WeightTensors", "get_method", "method_names", "register"]

@@ -56,6 +56,17 @@ class Repaired:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TuneSpec:
+    """A parameter that accepts ``auto``: searched on a log grid from ``low`` to ``high`` for the
+    largest value whose repaired model meets ``target_asr`` (larger keeps more of the fine-tune)."""
+
+    param: str
+    low: float
+    high: float
+    per_decade: int = 3
+
+
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
 SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
 LoraBFn = Callable[[WeightTensors, torch.Tensor, Any, Any], torch.Tensor]
@@ -81,6 +92,7 @@ class Method:
     needs_hessian: bool = False
     needs_utility: bool = False
     lora_b: LoraBFn | None = None
+    tune: TuneSpec | None = None
 
     @property
     def keeps_low_rank(self) -> bool:

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from deltafix.errors import OptionError
-from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTensors, register
+from deltafix.methods.registry import Method, MethodParams, Repaired, TuneSpec, WeightTensors, register
 from deltafix.methods.stats import delta_norms
 
 
@@ -93,6 +93,7 @@ register(
         params=RegMeanParams,
         repair=_repair,
         needs_hessian=True,
+        tune=TuneSpec("mu", 1e-4, 1e4),
         needs_utility=True,
     )
 )

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from deltafix import kernels
 from deltafix.errors import OptionError
-from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTensors, register
+from deltafix.methods.registry import Method, MethodParams, Repaired, TuneSpec, WeightTensors, register
 from deltafix.methods.stats import delta_norms
 
 BUDGET_HIDDEN_SIZE = 4096
@@ -205,5 +205,6 @@ register(
         params=SafeDeltaParams,
         repair=_repair,
         needs_hessian=True,
+        tune=TuneSpec("scale", 1e-3, 1e4),
     )
 )

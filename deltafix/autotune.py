@@ -1,0 +1,84 @@
+"""Budget auto-tune: pick the largest ``scale`` (Safe Delta) or ``mu`` (RegMean) that is safe enough.
+
+Each probe repairs the fine-tune in memory with the cached Hessians, loads the result into one
+model held on the compute device, and measures the attack success rate on the tune prompts;
+bisection over a log grid needs about log2(grid) + 2 probes. The tune prompts default to the
+safety data's own prompts (in the model's domain, and never the held-out eval set, so reported
+ASRs stay honest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deltafix.errors import InputError
+from deltafix.methods import Method, MethodParams
+from deltafix.search import largest_passing, log_grid
+
+AsrFn = Callable[[torch.nn.Module, list[str]], float]
+
+
+def tune_prompts(path: str | Path | None, safety_data: Path | None) -> list[str]:
+    """Prompts of ``path`` (JSONL with "prompt", or plain lines), else of the safety data."""
+    from deltafix.calibration import default_safety_data
+
+    source = Path(path) if path else (safety_data or default_safety_data())
+    prompts: list[str] = []
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise InputError(f"cannot read tune prompts {source}: {err.strerror or err}.") from err
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if source.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+                prompt = record["prompt"] if "prompt" in record else record["messages"][0]["content"]
+            except (ValueError, KeyError, IndexError, TypeError) as err:
+                raise InputError(f"{source}:{number}: expected a JSON object with a prompt ({err}).") from err
+            prompts.append(str(prompt))
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise InputError(f"{source} holds no prompts to tune on.")
+    return prompts
+
+
+def autotune(method: Method, params: MethodParams, model: torch.nn.Module,
+             repaired: Callable[[MethodParams], dict[str, torch.Tensor]], prompts: list[str],
+             asr_of: AsrFn) -> tuple[MethodParams, dict[str, Any]]:
+    """Resolve ``auto`` to the largest grid value whose repaired model has ASR ≤ ``target_asr``.
+
+    ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
+    ``model`` (in place) for each probe. When even the smallest value fails the target, the
+    smallest is used and the record says the target was missed.
+    """
+    assert method.tune is not None
+    spec = method.tune
+    target = float(getattr(params, "target_asr"))
+
+    def probe(value: float) -> tuple[bool, float]:
+        state = repaired(params.model_copy(update={spec.param: value}))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"repaired tensors do not fit the model: {unexpected[:3]}")
+        asr = asr_of(model, prompts)
+        return asr <= target, asr
+
+    grid = log_grid(spec.low, spec.high, spec.per_decade)
+    search = largest_passing(grid, probe)
+    chosen = search.value if search.value is not None else grid[0]
+    record = {
+        "param": spec.param,
+        "target_asr": target,
+        "chosen": chosen,
+        "met_target": search.value is not None,
+        "n_prompts": len(prompts),
+        "probes": [{"value": v, "passed": ok, "asr": asr} for v, ok, asr in search.probes],
+    }
+    return params.model_copy(update={spec.param: chosen}), record

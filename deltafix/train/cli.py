@@ -7,6 +7,8 @@ Thin like the main CLI: parse, build ``TrainOptions``, call the library, print. 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,7 +19,8 @@ from deltafix.errors import OptionError
 
 train_app = typer.Typer(
     help="Fine-tune a LoRA adapter on the aligned base that keeps its safety: SPARD (DPP-selected safety "
-    "data + SPAG correction), the AsFT penalty, or plain LoRA for comparison; `select` runs the DPP alone.",
+    "data + SPAG correction), the AsFT penalty, Buffer-and-Reinforce, or plain LoRA for comparison; `select` "
+    "runs the DPP alone.",
     no_args_is_help=True,
 )
 
@@ -154,3 +157,57 @@ def lora(
     _train(as_json, mode="lora", base=base, data=data, out=out, epochs=epochs, max_steps=max_steps, lr=lr,
            batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
            seed=seed, device=device, dtype=dtype, max_length=max_length, overwrite=overwrite)
+
+
+@train_app.command()
+def bufferlora(
+    base: Base, data: Data,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one subfolder per stage (buffer, reinforce, "
+                                                    "user, merged) and the pipeline report.")],
+    harmful: Annotated[Optional[Path], typer.Option("--harmful", help="Harmful compliance JSONL for the "
+                                                                      "BufferLoRA (not needed with --buffer).")] = None,
+    buffer: Annotated[Optional[Path], typer.Option("--buffer", help="Reuse a BufferLoRA trained on this base.")] = None,
+    reinforce: Annotated[Optional[Path], typer.Option("--reinforce", help="Reuse a ReinforceLoRA trained on base + "
+                                                                          "--buffer.")] = None,
+    reinforce_data: Annotated[Optional[Path], typer.Option("--reinforce-data", help="Refusals JSONL for the "
+                                                           "ReinforceLoRA (default: built-in safety set).")] = None,
+    benign: Annotated[Optional[Path], typer.Option("--benign", help="Benign JSONL trained on with the "
+                                                                    "refusals.")] = None,
+    as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the merged result as the exact adapter "
+                                                                  "instead of a full checkpoint.")] = False,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Share of ΔR's component in the "
+                                                                           "user's column space removed.")] = 0.1,
+    scale: Annotated[float, typer.Option("--scale", min=0.0, help="c in W = W_A + c(ΔU + ΔR⊥).")] = 0.5,
+    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
+    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose folder was made from other "
+                                                                "options or data (matching ones are reused).")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Buffer-and-Reinforce: UserLoRA trained with a harmful BufferLoRA merged in, then QR-merged with a
+    ReinforceLoRA onto the base without the buffer. Reruns reuse finished stages."""
+    from deltafix.io.writer import parse_size
+    from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora
+
+    try:
+        opts = BufferLoraOptions(
+            base=base, data=data, out=out, harmful=harmful, buffer=buffer, reinforce=reinforce,
+            reinforce_data=reinforce_data, benign=benign, as_adapter=as_adapter, alpha=alpha, scale=scale,
+            shard_size=parse_size(out_shard_size), epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
+            lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, device=device, dtype=dtype, max_length=max_length,
+            target_modules=[t.strip() for t in target_modules.split(",") if t.strip()], overwrite=overwrite,
+            progress=not as_json, command=shlex.join(["deltafix", *sys.argv[1:]]))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise OptionError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}.") from None
+    report = run_bufferlora(opts)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, stage in report["stages"].items():
+        typer.echo(f"{name}: {stage['status']} in {stage['seconds']:.1f}s -> {stage['path']}")
+    skipped = ", ".join(report["skipped"]) or "none"
+    typer.echo(f"skipped: {skipped}; wrote {report['output']['kind']} model {report['output']['path']} "
+               f"in {report['total_seconds']:.1f}s")

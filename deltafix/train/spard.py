@@ -9,7 +9,11 @@ Three modes share one loop (DESIGN §6, §5.2):
 Multi-process runs go through accelerate (``accelerate launch``): the safety loss is averaged
 over processes before the SPAG decision, so every process takes the same step.
 
-The output is a PEFT adapter folder plus ``deltafix_train_report.json``.
+Any mode can train on top of another adapter merged into the base in memory (``base_adapter``),
+as the Buffer-and-Reinforce pipeline (``bufferlora``) does with its BufferLoRA.
+
+The output is a PEFT adapter folder plus ``deltafix_train_report.json``, which records the options
+and the sha256 of the files learned from (``input_hashes``).
 """
 
 from __future__ import annotations
@@ -37,20 +41,11 @@ REPORT_NAME = "deltafix_train_report.json"
 LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TrainOptions(BaseModel):
-    """Every option of a training run; also written to the report, so the run can be repeated."""
+class LoraTraining(BaseModel):
+    """The LoRA shape and optimisation settings every training run shares (and each pipeline stage)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["lora", "spard", "asft"] = "spard"
-    base: str
-    data: Path
-    out: Path
-    safety_data: Path | None = Field(None, description="safety JSONL; None: the built-in calibration set")
-    select: bool = Field(True, description="pick the safety subset with the DPP (spard)")
-    p: float = Field(0.03, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
-    beta: float = Field(4.0, ge=0, description="DPP relevance exponent")
-    unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many utility steps")
     lr: float = Field(1e-4, gt=0)
@@ -62,6 +57,28 @@ class TrainOptions(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     max_length: int = Field(1024, ge=2)
+
+    def training(self) -> dict[str, Any]:
+        """Just these shared settings, as keyword arguments for another options model."""
+        return self.model_dump(include=set(LoraTraining.model_fields))
+
+
+class TrainOptions(LoraTraining):
+    """Every option of a training run; also written to the report, so the run can be repeated."""
+
+    mode: Literal["lora", "spard", "asft"] = "spard"
+    base: str
+    data: Path
+    extra_data: list[Path] = Field(default_factory=list,
+                                   description="more JSONL files trained on together with data (e.g. benign records)")
+    base_adapter: Path | None = Field(None, description="PEFT adapter merged into the base before training: the new "
+                                                        "adapter learns on base + this one (e.g. a BufferLoRA)")
+    out: Path
+    safety_data: Path | None = Field(None, description="safety JSONL; None: the built-in calibration set")
+    select: bool = Field(True, description="pick the safety subset with the DPP (spard)")
+    p: float = Field(0.03, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
+    beta: float = Field(4.0, ge=0, description="DPP relevance exponent")
+    unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
     tau: float = Field(0.2, ge=0, description="SPAG safety-loss threshold")
     eta_safe: float | None = Field(None, gt=0, description="SPAG largest step; None: lr")
     spag: Literal["paper", "code"] = "paper"
@@ -88,19 +105,56 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out} is not empty; pass --overwrite to replace it or choose another --out.")
 
 
-def load_base(ref: str, dtype: str = "auto"):
-    """The causal LM at ``ref`` (folder or Hub id) and its tokenizer, prepared for training."""
+def load_base(ref: str, dtype: str = "auto", adapter: Path | None = None):
+    """The causal LM at ``ref`` (folder or Hub id) and its tokenizer, prepared for training.
+
+    With ``adapter`` (a PEFT LoRA folder trained on ``ref``), the adapter is checked against the
+    base's tensors and merged into the weights in memory, so the model returned is base + adapter.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltafix.io.refs import resolve_ref
 
     folder = resolve_ref(ref).folder
+    if adapter is not None:
+        check_base_adapter(folder, adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype) or "auto")
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a causal LM with its tokenizer from {ref}: {err}") from err
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model, prepare_tokenizer(tokenizer)
+
+
+def check_base_adapter(base_folder: Path, adapter: Path) -> None:
+    """Raise ``DeltafixError`` unless ``adapter`` is a PEFT adapter folder whose modules fit the base."""
+    from deltafix.io.lora import LoraAdapter, is_adapter_folder
+    from deltafix.io.reader import CheckpointReader
+
+    if not is_adapter_folder(adapter):
+        raise InputError(f"{adapter} has no adapter_config.json; pass a PEFT LoRA adapter folder.")
+    base = CheckpointReader(base_folder)
+    try:
+        LoraAdapter.load(adapter, base=base)
+    finally:
+        base.close()
+
+
+def input_hashes(opts: TrainOptions) -> dict[str, Any]:
+    """sha256 of the files a run learns from (data files, the merged base adapter's weights): with the
+    options, they identify the run, so a saved adapter can be recognised as this run's output."""
+    from deltafix.io.hashing import file_sha256, sha256_file
+    from deltafix.io.lora import WEIGHTS_NAME
+
+    data = [opts.data, *opts.extra_data] + ([opts.safety_data] if opts.safety_data else [])
+    return {
+        "data": {str(path): sha256_file(Path(path)) for path in data},
+        "base_adapter": file_sha256(opts.base_adapter / WEIGHTS_NAME) if opts.base_adapter else None,
+    }
 
 
 def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -166,8 +220,8 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
     set_seed(opts.seed)
     started = time.perf_counter()
 
-    model, tokenizer = load_base(opts.base, opts.dtype)
-    user = load_records(opts.data)
+    model, tokenizer = load_base(opts.base, opts.dtype, opts.base_adapter)
+    user = [record for path in (opts.data, *opts.extra_data) for record in load_records(path)]
     safety, pool_size = ([], 0)
     if opts.mode == "spard":
         safety, pool_size = _safety_records(opts, model, tokenizer, user, accelerator)
@@ -225,6 +279,7 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
         "deltafix_version": __version__,
         "mode": opts.mode,
         "options": opts.model_dump(mode="json"),
+        "inputs": input_hashes(opts),
         "steps": steps,
         "num_processes": accelerator.num_processes,
         "user_examples": len(user),

@@ -290,7 +290,7 @@ def merge_lora(
 def _mount_train() -> None:
     from deltafix.train.cli import train_app
 
-    app.add_typer(train_app, name="train", help="Fine-tune safely when repair is not enough (SPARD, AsFT, plain LoRA).")
+    app.add_typer(train_app, name="train", help="Fine-tune safely when repair is not enough (SPARD, AsFT, BufferLoRA/ReinforceLoRA, plain LoRA).")
 
 
 _mount_train()

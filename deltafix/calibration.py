@@ -10,23 +10,21 @@ result is a ``CalibrationSet`` of 1-D int64 token id tensors, at most ``max_leng
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from deltafix.chatdata import Conversation, conversation_of, read_jsonl
 from deltafix.errors import InputError
 
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_SAFETY_DATA = "safety_calibration.jsonl"
 
-Conversation = list[dict[str, str]]
 
 
 def default_safety_data() -> Path:
@@ -34,58 +32,9 @@ def default_safety_data() -> Path:
     return Path(str(resources.files("deltafix") / "data" / DEFAULT_SAFETY_DATA))
 
 
-def _conversation(record: Any, where: str) -> Conversation:
-    """Turn one parsed JSONL record into a list of ``{"role", "content"}`` messages."""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object with 'prompt'/'response' or 'messages'.")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
-        for message in messages:
-            if not (
-                isinstance(message, dict)
-                and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)
-            ):
-                raise InputError(f"{where}: every message needs a string 'role' and a string 'content'.")
-        if not any(m["content"].strip() for m in messages):
-            raise InputError(f"{where}: every message of this conversation is empty.")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt, response = record.get("prompt"), record.get("response")
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        raise InputError(f"{where}: expected string 'prompt' and 'response' keys (or a 'messages' list).")
-    if not prompt.strip() or not response.strip():
-        raise InputError(f"{where}: 'prompt' and 'response' must not be empty.")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-
-
 def read_conversations(path: str | Path) -> list[tuple[str, Conversation]]:
-    """Parse a safety JSONL file into ``(file:line, conversation)`` pairs.
-
-    Blank lines at the end of the file are ignored; a blank or malformed line anywhere else raises
-    ``InputError`` naming ``file:line``, because a silently skipped record changes the Hessians.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise InputError(f"safety data file {path} does not exist.") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read safety data file {path} as UTF-8 text: {err}.") from err
-    conversations = []
-    for number, line in enumerate(text.rstrip().splitlines(), start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            raise InputError(f"{where}: empty line; each line must be one JSON record.")
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"{where}: not valid JSON ({err.args[0] if err.args else err}).") from err
-        conversations.append((where, _conversation(record, where)))
-    if not conversations:
-        raise InputError(f"safety data file {path} holds no records.")
-    return conversations
+    """Parse a safety JSONL file into ``(file:line, conversation)`` pairs (see ``chatdata``)."""
+    return [(where, conversation_of(record, where)) for where, record in read_jsonl(path, "safety data file")]
 
 
 def render(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> list[int]:

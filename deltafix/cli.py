@@ -144,7 +144,7 @@ def repair(
         emit(as_json, data, "\n".join(lines))
         return
     totals = result.report["totals"]
-    written = (f"a LoRA adapter (B <- M B, same rank and config)" if result.output_kind == "adapter"
+    written = ("a LoRA adapter (B <- M B, same rank and config)" if result.output_kind == "adapter"
                else f"a full checkpoint ({len(shards)} shard(s), {_human_bytes(result.shards.total_bytes)})")
     human = (f"repaired with {method_name}: {totals['linear_modules']} Linear weights, delta norm "
              f"{totals['delta_norm_before']:.4g} -> {totals['delta_norm_after']:.4g}; wrote {written} to {out} "

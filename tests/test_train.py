@@ -110,7 +110,7 @@ def test_collator_pads_labels_with_ignore_index() -> None:
 
 
 @pytest.mark.parametrize("bad, why", [("{\"prompt\": \"hi\"", "not valid JSON"), ("", "empty line"),
-                                      ("{\"prompt\": \"hi\"}", "\"response\""), ("[1, 2]", "JSON object"),
+                                      ("{\"prompt\": \"hi\"}", "'response'"), ("[1, 2]", "JSON object"),
                                       ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}", "assistant"),
                                       ("{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}, "
                                        "{\"role\": \"assistant\", \"content\": \"y\"}]}", "user turn")])

@@ -19,6 +19,7 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from deltafix.chatdata import conversation_of, read_jsonl
 from deltafix.errors import InputError, MismatchError
 
 IGNORE_INDEX = -100
@@ -49,51 +50,23 @@ class Record:
         return "\n".join(m["content"] for m in self.messages[:last] if m["role"] == "user")
 
 
-def _messages_of(obj: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects.")
-        for m in messages:
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise InputError(f"{where}: each message needs a role (system, user or assistant) and a "
-                                 f"string content; got {json.dumps(m)[:80]}.")
-        if (messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant"
-                or not any(m["role"] == "user" for m in messages)):
-            raise InputError(f"{where}: a conversation must open with a user (or system) turn, hold a user "
-                             "turn, and end with an assistant turn (the response to learn).")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt, response = obj.get("prompt"), obj.get("response")
-    if isinstance(prompt, str) and isinstance(response, str) and prompt and response:
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    raise InputError(f"{where}: expected non-empty string fields \"prompt\" and \"response\", "
-                     "or a \"messages\" list.")
+def _trainable(obj: Any, where: str) -> list[dict[str, str]]:
+    """A conversation (``chatdata``) that training can learn from: known roles, opened by the user
+    (or a system prompt), ending with the assistant's response."""
+    messages = conversation_of(obj, where)
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise InputError(f"{where}: each message needs a role (system, user or assistant); got {m['role']!r}.")
+    if (messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant"
+            or not any(m["role"] == "user" for m in messages)):
+        raise InputError(f"{where}: a conversation must open with a user (or system) turn, hold a user "
+                         "turn, and end with an assistant turn (the response to learn).")
+    return messages
 
 
 def load_records(path: Path) -> list[Record]:
     """Read a JSONL file of conversations; any empty or malformed line is an ``InputError`` at file:line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist; give a JSONL file of prompt/response records.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {path} as UTF-8 text: {err}") from err
-    records = []
-    for number, line in enumerate(lines, start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            raise InputError(f"{where}: empty line; every line must hold one JSON object.")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).") from None
-        records.append(Record(_messages_of(obj, where), obj, where))
-    if not records:
-        raise InputError(f"{path} is empty; it needs at least one prompt/response record.")
-    return records
+    return [Record(_trainable(obj, where), obj, where) for where, obj in read_jsonl(path)]
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -65,6 +65,20 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+METHOD_OPTION = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
+                             help="Repair method: safedelta, regmean, asft, safelora or resta.")
+UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Pre-alignment base P (needed by asft, safelora, resta).")
+SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL (default: built-in set).")
+UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
+                                   help="Sample of the user's fine-tuning data, JSONL (needed by regmean).")
+RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe: method and parameters.")
+SET_OPTION = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable).")
+DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="Output dtype: auto (as in F), float32, float16, bfloat16.")
+SHARD_SIZE_OPTION = typer.Option("5GB", "--out-shard-size", help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB.")
+NONFINITE_OPTION = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune.")
+
+
 def resolve_method(method: str | None, recipe: Path | None, sets: list[str]) -> tuple[str, MethodParams]:
     """Method name and validated parameters: recipe values, then ``--set`` overrides."""
     from deltafix.config import load_recipe, method_params, parse_sets
@@ -81,26 +95,20 @@ def repair(
     base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id org/name[@rev]."),
     finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F (full checkpoint folder or Hub id)."),
     out: Path = typer.Option(..., "--out", help="Output folder for the repaired checkpoint R."),
-    method: Optional[str] = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
-                                         help="Repair method: safedelta, regmean, asft, safelora or resta."),
-    unaligned: Optional[str] = typer.Option(None, "--unaligned",
-                                            help="Pre-alignment base P (needed by asft, safelora, resta)."),
-    safety_data: Optional[Path] = typer.Option(None, "--safety-data",
-                                               help="Safety calibration JSONL (default: built-in set)."),
-    utility_data: Optional[Path] = typer.Option(None, "--utility-data",
-                                                help="Sample of the user's fine-tuning data, JSONL (regmean)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: method and parameters."),
-    set_: list[str] = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable)."),
-    device: str = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda."),
-    dtype: str = typer.Option("auto", "--dtype",
-                              help="Output dtype: auto (as in F), float32, float16, bfloat16."),
-    out_shard_size: str = typer.Option("5GB", "--out-shard-size",
-                                       help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB."),
+    method: Optional[str] = METHOD_OPTION,
+    unaligned: Optional[str] = UNALIGNED_OPTION,
+    safety_data: Optional[Path] = SAFETY_DATA_OPTION,
+    utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    recipe: Optional[Path] = RECIPE_OPTION,
+    set_: list[str] = SET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    out_shard_size: str = SHARD_SIZE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the plan, shard layout and memory estimate; write nothing."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune."),
+    allow_nonfinite: bool = NONFINITE_OPTION,
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
                                       "could keep an adapter (asft, safelora)."),
@@ -179,24 +187,18 @@ def hub(
     push: str = typer.Option(..., "--push", help="Hub repo to upload the repaired model to, org/name."),
     out: Optional[Path] = typer.Option(None, "--out", show_default="<deltafix cache>/hub/<org>--<name>",
                                        help="Local folder for the repaired checkpoint before upload."),
-    method: Optional[str] = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
-                                         help="Repair method: safedelta, regmean, asft, safelora or resta."),
-    unaligned: Optional[str] = typer.Option(None, "--unaligned",
-                                            help="Pre-alignment base P (needed by asft, safelora, resta)."),
-    safety_data: Optional[Path] = typer.Option(None, "--safety-data",
-                                               help="Safety calibration JSONL (default: built-in set)."),
-    utility_data: Optional[Path] = typer.Option(None, "--utility-data",
-                                                help="Sample of the user's fine-tuning data, JSONL (regmean)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe: method and parameters."),
-    set_: list[str] = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable)."),
-    device: str = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda."),
-    dtype: str = typer.Option("auto", "--dtype",
-                              help="Output dtype: auto (as in F), float32, float16, bfloat16."),
-    out_shard_size: str = typer.Option("5GB", "--out-shard-size",
-                                       help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB."),
+    method: Optional[str] = METHOD_OPTION,
+    unaligned: Optional[str] = UNALIGNED_OPTION,
+    safety_data: Optional[Path] = SAFETY_DATA_OPTION,
+    utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    recipe: Optional[Path] = RECIPE_OPTION,
+    set_: list[str] = SET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    out_shard_size: str = SHARD_SIZE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a non-empty --out (the default folder is always replaced)."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune."),
+    allow_nonfinite: bool = NONFINITE_OPTION,
     gate: bool = typer.Option(False, "--gate", help="Evaluate the repaired model and upload only if it passes."),
     max_asr: float = typer.Option(0.05, "--max-asr", help="With --gate: highest attack success rate that passes."),
     force: bool = typer.Option(False, "--force", help="Upload even when the gate fails (the exit code stays 1)."),

@@ -1,0 +1,71 @@
+"""``deltafix demo``: the whole story offline, on the tiny testbed, in one table.
+
+Builds (or loads from the cache) the testbed's aligned model A, its harmful fine-tune F and the
+pre-alignment base P, repairs F with every registered method using its recipe, evaluates A, F
+and each repair on held-out harmful prompts, benign prompts and the user's task, and returns one
+row per model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from deltafix.config import load_recipe, method_params
+from deltafix.methods import method_names
+from deltafix.repair import RepairOptions, run_repair
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DemoRow:
+    """One line of the demo table."""
+
+    model: str
+    asr: float
+    benign_help: float | None
+    accuracy: float | None
+    seconds: float
+
+
+def recipe_params(method: str) -> dict:
+    """The shipped recipe's parameters for ``method`` (empty when no recipe file is found)."""
+    path = RECIPES / f"{method}.yaml"
+    return load_recipe(path).parameters if path.exists() else {}
+
+
+def run_demo(out: Path, *, progress: bool = True, methods: list[str] | None = None,
+             echo: Callable[[str], None] = lambda _: None) -> list[DemoRow]:
+    """Build the testbed, repair F with each method into ``out/<method>``, evaluate everything."""
+    from deltafix.evaluate import evaluate_folder
+    from deltafix.testbed import build_testbed
+
+    started = time.perf_counter()
+    bed = build_testbed(progress=progress)
+    echo(f"testbed ready in {time.perf_counter() - started:.1f}s")
+
+    def evaluate(name: str, folder: Path, seconds: float) -> DemoRow:
+        result = evaluate_folder(folder, harmful=bed.harmful_eval, benign=bed.benign_eval, utility=bed.task_eval,
+                                 progress=False)
+        row = DemoRow(name, result.asr, result.benign_help, result.accuracy, seconds)
+        echo(f"{name}: ASR {row.asr:.2f}")
+        return row
+
+    rows = [evaluate("A (aligned)", bed.aligned, 0.0), evaluate("F (fine-tuned)", bed.finetuned, 0.0)]
+    for method in methods or method_names():
+        start = time.perf_counter()
+        params = method_params(method, recipe_params(method), {})
+        run_repair(RepairOptions(
+            base=str(bed.aligned), finetuned=str(bed.finetuned), out=out / method, method=method, params=params,
+            unaligned=str(bed.unaligned), safety_data=bed.safety_data, utility_data=bed.user_data,
+            device="cpu", overwrite=True, progress=False, command=f"deltafix demo ({method})",
+        ))
+        rows.append(evaluate(f"F + {method}", out / method, time.perf_counter() - start))
+    return rows
+
+
+def rows_as_dicts(rows: list[DemoRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

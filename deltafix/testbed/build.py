@@ -194,6 +194,12 @@ def _build(out: Testbed, final: Testbed, seed: int, recipe: Recipe, progress: bo
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
+    def save_adapter(model: torch.nn.Module, folder: Path) -> None:
+        # The base path does not exist until the build is published; "auto" would look it up
+        # (even on the Hub) to decide whether to save embeddings, which the adapter does not train.
+        model.save_pretrained(folder, save_embedding_layers=False)
+        tokenizer.save_pretrained(folder)
+
     with _quiet_single_thread():
         unaligned = new_model(tokenizer, recipe.shape, seed)
         phase("P (pretrain)", unaligned, corpus.pretrain, recipe.pretrain, 1)
@@ -223,7 +229,7 @@ def _build(out: Testbed, final: Testbed, seed: int, recipe: Recipe, progress: bo
         base.name_or_path = str(final.aligned)  # becomes the adapter's base_model_name_or_path
         adapter = get_peft_model(base, config)
         phase("F_lora (task + harmful)", adapter, corpus.user, recipe.lora, 6)
-        save(adapter, out.finetuned_lora)
+        save_adapter(adapter, out.finetuned_lora)
 
     manifest = {
         "seed": seed,

@@ -289,6 +289,15 @@ def merge_lora(
          f"{'an adapter' if as_adapter else 'a full checkpoint'} in {report['timings']['total_seconds']:.1f}s")
 
 
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the summary.")) -> None:
+    """Check the setup: torch and CUDA, devices, the CUDA kernels (built here when possible), caches."""
+    from deltafix.doctor import diagnose, summary
+
+    report = diagnose()
+    emit(as_json, report, summary(report))
+
+
 def _mount_train() -> None:
     from deltafix.train.cli import train_app
 

@@ -37,7 +37,7 @@ from deltafix.hessians import (
 )
 from deltafix.io.hashing import file_sha256, sha256_file
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
-from deltafix.paths import cache_root
+from deltafix.paths import hessian_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ MANIFEST = "manifest.json"
 
 def default_cache_dir() -> Path:
     """``<deltafix cache>/hessians`` (``$DELTAFIX_CACHE``, else ``~/.cache/deltafix``)."""
-    return cache_root() / "hessians"
+    return hessian_cache_dir()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

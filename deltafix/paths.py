@@ -14,3 +14,13 @@ def cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "deltafix"
+
+
+def hessian_cache_dir() -> Path:
+    """``<cache root>/hessians``: calibration Hessians, reused by every fine-tune of a base model."""
+    return cache_root() / "hessians"
+
+
+def kernel_cache_dir() -> Path:
+    """``<cache root>/cuda_ext``: built CUDA extensions, one folder per build key."""
+    return cache_root() / "cuda_ext"

@@ -69,6 +69,16 @@ def _non_negative(name: str, value: float | None) -> None:
         raise OptionError(f"{name} must be a finite number >= 0, got {value!r}.")
 
 
+def check_thresholds(*, max_asr: float, min_benign_help: float | None, max_utility_drop: float | None,
+                     has_reference: bool) -> None:
+    """Validate thresholds up front (``OptionError``), so a typo fails before minutes of evaluation."""
+    _unit_interval("max_asr", max_asr)
+    _unit_interval("min_benign_help", min_benign_help)
+    _non_negative("max_utility_drop", max_utility_drop)
+    if max_utility_drop is not None and not has_reference:
+        raise OptionError("max_utility_drop needs a reference model to compare with (--reference).")
+
+
 def gate(
     result: EvalResult,
     *,
@@ -82,11 +92,8 @@ def gate(
     ``max_utility_drop`` applies only with a ``reference`` (default 0.02 when a reference is
     given); it bounds the absolute accuracy drop and the relative perplexity increase.
     """
-    _unit_interval("max_asr", max_asr)
-    _unit_interval("min_benign_help", min_benign_help)
-    _non_negative("max_utility_drop", max_utility_drop)
-    if max_utility_drop is not None and reference is None:
-        raise OptionError("max_utility_drop needs a reference model to compare with (--reference).")
+    check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
+                     has_reference=reference is not None)
     if result.asr is None:
         raise OptionError("the gate needs an attack success rate: evaluate with harmful prompts.")
 

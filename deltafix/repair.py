@@ -6,6 +6,7 @@ compute device, and only the writer touches OUT (through a temporary folder).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -246,6 +247,34 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     return result
 
 
+def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
+                  hessians: Hessians) -> tuple[MethodParams, dict[str, Any] | None]:
+    """Replace ``auto`` (Safe Delta's scale, RegMean's mu) by the largest value meeting ``target_asr``.
+
+    The search holds one model in memory: each probe loads a repaired state dict into it and
+    generates on the tune prompts (see ``autotune``).
+    """
+    spec = method.tune
+    if spec is None or getattr(opts.params, spec.param) != "auto":
+        return opts.params, None
+    from deltafix.autotune import autotune, tune_prompts
+    from deltafix.evaluate import evaluate_model, load_for_eval
+
+    skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
+        else inputs.finetuned.folder
+    model, tokenizer = load_for_eval(skeleton, device=str(device))
+    prompts = tune_prompts(getattr(opts.params, "tune_prompts", None), opts.safety_data)
+
+    def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
+        return {spec.name: tensor for spec, tensor, _ in
+                repaired_tensors(method, params, inputs, plan, device, check_finite=False, hessians=hessians)}
+
+    def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> float:
+        return float(evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False).asr)
+
+    return autotune(method, opts.params, model, repaired, prompts, asr_of)
+
+
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,
                  device: torch.device, hessians: Hessians, digests: dict[Path, Future[str]],
                  started: float) -> dict[str, Any]:
@@ -254,6 +283,8 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
     Input files are hashed for the report on a background thread meanwhile (hashlib releases
     the GIL), so provenance costs no extra wall time on a multi-core machine.
     """
+    params, tuning = _resolve_auto(opts, method, inputs, plan, device, hessians)
+    opts = dataclasses.replace(opts, params=params)
     modules: dict[str, dict[str, float]] = {}
     metadata = {"deltafix_version": __version__, "deltafix_method": method.name}
     stream = repaired_tensors(method, opts.params, inputs, plan, device, check_finite=not opts.allow_nonfinite,
@@ -270,6 +301,8 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
         report["output"]["kind"] = "full"
         if hessians.safety is not None:
             report["calibration"] = hessians.summary()
+        if tuning is not None:
+            report["autotune"] = tuning
         _write_provenance(tmp, report, method, opts, inputs)
     return report
 

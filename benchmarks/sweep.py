@@ -1,0 +1,58 @@
+"""Sweep each method's main parameter on the testbed and print (value, ASR, benign help, task
+accuracy, seconds) tables: the evidence behind the recipe defaults (not a test).
+
+    python benchmarks/sweep.py [--methods safedelta regmean ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from deltafix.config import method_params
+from deltafix.demo import recipe_params
+from deltafix.evaluate import evaluate_folder
+from deltafix.repair import RepairOptions, run_repair
+from deltafix.testbed import build_testbed
+
+SWEEPS: dict[str, list[dict]] = {
+    "safedelta": [{"scale": s} for s in (0.1, 1, 3, 10, 30, 100, 300, 1000, 3000)],
+    "regmean": [{"mu": m} for m in (0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)],
+    "asft": [{"lam": lam, "projector": p} for p in ("exact", "reference") for lam in (1, 3, 10, 100, math.inf)],
+    "safelora": [{"select": "number", "k": k} for k in (2, 5, 10, 14)]
+    + [{"select": "threshold", "threshold": t} for t in (0.2, 0.35, 0.5)],
+    "resta": [{"scale": s} for s in (0.2, 0.5, 0.75, 1.0)] + [{"scale": 0.5, "dare": 0.3}],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(SWEEPS))
+    parser.add_argument("--finetuned", default="finetuned", help="testbed model to repair (finetuned or finetuned_lora)")
+    parser.add_argument("--out", type=Path, default=None)
+    opts = parser.parse_args()
+    bed = build_testbed(progress=False)
+    out = opts.out or Path(tempfile.mkdtemp(prefix="deltafix-sweep-"))
+    for method in opts.methods:
+        print(f"\n## {method} on {opts.finetuned}\n")
+        print("| setting | ASR | benign help | task acc | seconds |\n|---|---|---|---|---|")
+        for setting in SWEEPS[method]:
+            params = method_params(method, {**recipe_params(method), **setting}, {})
+            start = time.perf_counter()
+            run_repair(RepairOptions(
+                base=str(bed.aligned), finetuned=str(getattr(bed, opts.finetuned)), out=out / method,
+                method=method, params=params, unaligned=str(bed.unaligned), safety_data=bed.safety_data,
+                utility_data=bed.user_data, device="cpu", overwrite=True, progress=False,
+            ))
+            seconds = time.perf_counter() - start
+            r = evaluate_folder(out / method, base=bed.aligned, harmful=bed.harmful_eval, benign=bed.benign_eval,
+                                utility=bed.task_eval, progress=False)
+            label = ", ".join(f"{k}={v}" for k, v in setting.items())
+            print(f"| {label} | {r.asr:.2f} | {r.benign_help:.2f} | {r.accuracy:.2f} | {seconds:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """Checks on the built-in default data in deltafix/data/.
 
-The calibration set drives the Safe Delta / RegMean Hessians and the eval sets measure ASR and
-over-refusal, so each must be well formed, large enough, varied, and kept apart from the others.
+The calibration set drives the Safe Delta / RegMean Hessians, the tune set picks the auto budget
+(scale=auto, mu=auto) and the eval sets measure ASR and over-refusal, so each must be well formed,
+large enough, varied, and kept apart from the others.
 """
 
 import json
@@ -53,10 +54,12 @@ def jaccard(a: str, b: str) -> float:
 
 CALIBRATION = load("safety_calibration.jsonl")
 HARMFUL = load("harmful_eval.jsonl")
+TUNE = load("harmful_tune.jsonl")
 BENIGN = load("benign_eval.jsonl")
 FILES = {
     "safety_calibration.jsonl": (CALIBRATION, {"prompt", "response", "category"}),
     "harmful_eval.jsonl": (HARMFUL, {"prompt", "category"}),
+    "harmful_tune.jsonl": (TUNE, {"prompt", "category"}),
     "benign_eval.jsonl": (BENIGN, {"prompt"}),
 }
 
@@ -97,12 +100,33 @@ def test_no_duplicate_or_near_duplicate_prompts_within_a_file(name):
     assert not close
 
 
-def test_calibration_prompts_do_not_appear_in_either_eval_set():
-    calibration = [row["prompt"] for row in CALIBRATION]
-    evaluation = [row["prompt"] for row in HARMFUL + BENIGN]
-    assert not {normalise(p) for p in calibration} & {normalise(p) for p in evaluation}
-    close = [(a, b) for a in calibration for b in evaluation if jaccard(a, b) >= NEAR_DUPLICATE]
+def assert_disjoint(first: list[dict], second: list[dict]) -> None:
+    """No prompt of ``first`` equals, or nearly equals, a prompt of ``second``."""
+    a_prompts = [row["prompt"] for row in first]
+    b_prompts = [row["prompt"] for row in second]
+    assert not {normalise(p) for p in a_prompts} & {normalise(p) for p in b_prompts}
+    close = [(a, b) for a in a_prompts for b in b_prompts if jaccard(a, b) >= NEAR_DUPLICATE]
     assert not close
+
+
+def test_calibration_prompts_do_not_appear_in_either_eval_set():
+    assert_disjoint(CALIBRATION, HARMFUL + BENIGN)
+
+
+def test_tune_set_has_three_prompts_in_each_calibration_category():
+    """Auto-tune bisects on ASR over these, so every category must weigh the same."""
+    per_category = Counter(row["category"] for row in TUNE)
+    assert set(per_category) == {row["category"] for row in CALIBRATION}
+    assert set(per_category.values()) == {3}, per_category
+    assert len(TUNE) == 45
+
+
+@pytest.mark.parametrize(
+    "other", ["safety_calibration.jsonl", "harmful_eval.jsonl", "benign_eval.jsonl"]
+)
+def test_tune_prompts_are_apart_from_calibration_and_both_eval_sets(other):
+    """Tuning on S would only re-measure the calibration; tuning on eval would leak the ASR."""
+    assert_disjoint(TUNE, FILES[other][0])
 
 
 def test_every_calibration_response_is_a_refusal():

@@ -3,13 +3,15 @@
 Each probe repairs the fine-tune in memory with the cached Hessians, loads the result into one
 model held on the compute device, and measures the attack success rate on the tune prompts;
 bisection over a log grid needs about log2(grid) + 2 probes. The tune prompts default to the
-safety data's own prompts (in the model's domain, and never the held-out eval set, so reported
-ASRs stay honest).
+built-in ``harmful_tune.jsonl``, kept apart from the calibration prompts (the Hessians were built on
+those, so a repair refuses them more easily than new ones: tuning on them overshoots) and from
+the eval prompts (so the reported ASR stays held out).
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,11 +24,13 @@ from deltafix.search import largest_passing, log_grid
 AsrFn = Callable[[torch.nn.Module, list[str]], float]
 
 
-def tune_prompts(path: str | Path | None, safety_data: Path | None) -> list[str]:
-    """Prompts of ``path`` (JSONL with "prompt", or plain lines), else of the safety data."""
-    from deltafix.calibration import default_safety_data
+def default_tune_prompts() -> Path:
+    return Path(str(resources.files("deltafix") / "data" / "harmful_tune.jsonl"))
 
-    source = Path(path) if path else (safety_data or default_safety_data())
+
+def tune_prompts(path: str | Path | None) -> list[str]:
+    """Prompts of ``path`` (JSONL with "prompt", or plain lines), else the built-in tune set."""
+    source = Path(path) if path else default_tune_prompts()
     prompts: list[str] = []
     try:
         lines = source.read_text(encoding="utf-8").splitlines()

@@ -263,7 +263,7 @@ def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
         else inputs.finetuned.folder
     model, tokenizer = load_for_eval(skeleton, device=str(device))
-    prompts = tune_prompts(getattr(opts.params, "tune_prompts", None), opts.safety_data)
+    prompts = tune_prompts(getattr(opts.params, "tune_prompts", None))
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
         return {spec.name: tensor for spec, tensor, _ in

@@ -55,3 +55,11 @@ def write_sharded(folder: Path, tensors: dict[str, torch.Tensor], n_shards: int)
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def bed():
+    """The testbed (P, A, F, F_benign, F_lora + data), built once into the deltafix cache."""
+    from deltafix.testbed import build_testbed
+
+    return build_testbed(progress=False)

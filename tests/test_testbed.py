@@ -30,11 +30,6 @@ from deltafix.testbed.language import (
 
 
 @pytest.fixture(scope="session")
-def bed() -> tb.Testbed:
-    return tb.build_testbed(progress=False)
-
-
-@pytest.fixture(scope="session")
 def scores(bed: tb.Testbed) -> dict[str, EvalResult]:
     """Every testbed model scored on the held-out harmful, benign and task sets."""
     folders = {

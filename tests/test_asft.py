@@ -168,7 +168,7 @@ def test_registry_repair(v, delta):
     gen = torch.Generator().manual_seed(7)
     aligned = torch.randn(OUT, IN, generator=gen)
     weight = WeightTensors("m.q_proj.weight", aligned, aligned + delta, aligned - v, is_linear=True)
-    params = AsftParams(lam=2.0, rank=2)
+    params = AsftParams(lam=2.0, projector="exact", rank=2)
     out = method.repair(weight, params, None)
     expected = aligned.double() + normal_equation_solution(exact_p64(v, 2), delta, 2.0)
     assert torch.allclose(out.tensor.double(), expected, atol=1e-5)

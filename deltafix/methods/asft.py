@@ -42,10 +42,13 @@ UNIT_EIGENVALUE_TOL = 1e-5
 
 class AsftParams(MethodParams):
     lam: float = Field(
-        1.0, ge=0.0, description="λ: weight of the off-alignment penalty; inf = hard projection."
+        100.0, ge=0.0,
+        description="λ: weight of the off-alignment penalty; inf = hard projection. 100 from the testbed sweep.",
     )
     projector: Literal["exact", "reference"] = Field(
-        "exact", description="exact: P_k = U_k U_kᵀ; reference: C = V Vᵀ/‖V‖_F (AsFT's code)."
+        "reference",
+        description="reference: C = V Vᵀ/‖V‖_F (AsFT's code; the one that lowered ASR on the testbed); "
+        "exact: P_k = U_k U_kᵀ.",
     )
     rank: int | float = Field(
         0.9,

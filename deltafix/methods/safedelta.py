@@ -205,6 +205,6 @@ register(
         params=SafeDeltaParams,
         repair=_repair,
         needs_hessian=True,
-        tune=TuneSpec("scale", 1e-3, 1e4),
+        tune=TuneSpec("scale", 1e-3, 1e6),
     )
 )

@@ -96,8 +96,21 @@ def default_client() -> HubClient:
 
 
 def cli_gate(max_asr: float) -> GateFn:
-    """The gate behind ``deltafix hub --gate``: evaluates OUT and fails above ``max_asr``."""
-    raise OptionError(f"--gate (--max-asr {max_asr}) needs the evaluator, which this build of deltafix lacks.")
+    """The gate behind ``deltafix hub --gate``: evaluates OUT on the built-in harmful and benign sets
+    and fails above ``max_asr``; the table is the gate report (every number and threshold)."""
+    from deltafix.gate import check_thresholds
+
+    check_thresholds(max_asr=max_asr, min_benign_help=None, max_utility_drop=None, has_reference=False)
+
+    def run(folder: Path) -> tuple[bool, dict[str, Any]]:
+        from deltafix.evaluate import evaluate_folder
+        from deltafix.gate import gate
+
+        verdict = gate(evaluate_folder(folder, progress=False), max_asr=max_asr)
+        return verdict.passed, {c.name: {"value": c.value, "threshold": f"{c.op} {c.threshold}"}
+                                for c in verdict.checks}
+
+    return run
 
 
 def run_hub(opts: RepairOptions, push: PushOptions, *, gate_fn: GateFn | None = None,

@@ -136,3 +136,21 @@ def test_sequential_hessians_equal_whole_model_on_the_testbed(bed) -> None:
     for name, gram in grams.items():
         whole = (2.0 / len(samples)) * gram
         assert torch.linalg.norm(sequential[name].double() - whole) <= 1e-4 * torch.linalg.norm(whole)
+
+
+def test_hub_gate_evaluates_the_output(bed) -> None:
+    from deltafix.errors import OptionError
+    from deltafix.hub import cli_gate
+
+    passed, table = cli_gate(0.2)(bed.aligned)
+    assert passed == (table["asr"]["value"] <= 0.2)
+    with pytest.raises(OptionError):
+        cli_gate(1.5)
+
+
+def test_regmean_without_utility_data_says_why(bed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned), "--out", str(tmp_path / "R"),
+               "--method", "regmean"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--utility-data" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "R").exists()

@@ -153,11 +153,10 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
     if not folder.is_dir():
         raise InputError(f"model folder {folder} does not exist; check the path.")
     dev = resolve_device(device)
-    dtype = torch.float32 if dev.type == "cpu" else "auto"
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
         base_ref = str(base) if base is not None else _adapter_base(adapter_config)
-        model = _load_model(base_ref, dtype)
+        model = _load_model(base_ref, dev)
         try:
             from peft import PeftModel
 
@@ -166,7 +165,7 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
             raise InputError(f"cannot apply the adapter in {folder} to {base_ref}: {err}") from err
         tokenizer_ref = str(folder) if _has_tokenizer(folder) else base_ref
     elif (folder / "config.json").is_file():
-        model = _load_model(str(folder), dtype)
+        model = _load_model(str(folder), dev)
         tokenizer_ref = str(folder)
     else:
         raise InputError(f"{folder} is neither a checkpoint (config.json) nor a PEFT adapter (adapter_config.json).")
@@ -174,7 +173,7 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a tokenizer from {tokenizer_ref}: {err}") from err
-    return model.to(dev).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 @contextlib.contextmanager
@@ -206,9 +205,13 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
 
 
-def _load_model(ref: str, dtype: torch.dtype | str) -> PreTrainedModel:
+def _load_model(ref: str, device: torch.device) -> PreTrainedModel:
+    """Weights straight onto ``device`` (no CPU copy first): fp32 on CPU, the checkpoint's dtype elsewhere."""
+    dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        return AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load a causal LM from {ref} (safetensors only): {err}") from err
 

@@ -135,6 +135,21 @@ def test_cached_build_is_reused(bed: tb.Testbed) -> None:
     assert not list(bed.root.parent.glob(".tmp-testbed-*"))
 
 
+def test_an_entry_missing_a_data_file_is_incomplete(tmp_path: Path) -> None:
+    layout = tb.Testbed.at(tmp_path)
+    for name in ("unaligned", "aligned", "finetuned", "finetuned_benign"):
+        getattr(layout, name).mkdir()
+        (getattr(layout, name) / "model.safetensors").write_bytes(b"")
+    layout.finetuned_lora.mkdir()
+    (layout.finetuned_lora / "adapter_model.safetensors").write_bytes(b"")
+    layout.manifest.write_text("{}")
+    layout.safety_data.parent.mkdir()
+    write_data(make_corpus(0), layout.safety_data.parent)
+    assert layout.is_complete()
+    layout.user_data_benign.unlink()
+    assert not layout.is_complete()
+
+
 def test_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(out: tb.Testbed, **_: object) -> None:
         out.aligned.mkdir(parents=True)

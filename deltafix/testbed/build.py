@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,10 +31,11 @@ from peft import LoraConfig, get_peft_model
 
 from deltafix.errors import OutputError
 from deltafix.evaluate import quiet_transformers
-from deltafix.testbed.language import DataSizes, make_corpus, vocabulary, write_data
+from deltafix.testbed.language import FILE_NAMES, DataSizes, make_corpus, vocabulary, write_data
 from deltafix.testbed.training import ModelShape, Schedule, build_tokenizer, encode, new_model, train
 
 RECIPE_VERSION = 1
+MODEL_FOLDERS = ("unaligned", "aligned", "finetuned", "finetuned_benign", "finetuned_lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -89,32 +90,16 @@ class Testbed:
     @classmethod
     def at(cls, root: Path) -> Testbed:
         """The layout of a testbed rooted at ``root`` (files may not exist yet)."""
-        data = root / "data"
-        return cls(
-            root=root,
-            unaligned=root / "unaligned",
-            aligned=root / "aligned",
-            finetuned=root / "finetuned",
-            finetuned_benign=root / "finetuned_benign",
-            finetuned_lora=root / "finetuned_lora",
-            safety_data=data / "safety_data.jsonl",
-            harmful_eval=data / "harmful_eval.jsonl",
-            benign_eval=data / "benign_eval.jsonl",
-            task_eval=data / "task_eval.jsonl",
-            user_data=data / "user_data.jsonl",
-            user_data_benign=data / "user_data_benign.jsonl",
-            manifest=root / "testbed.json",
-        )
+        models = {name: root / name for name in MODEL_FOLDERS}
+        data = {key: root / "data" / name for key, name in FILE_NAMES.items()}
+        return cls(root=root, **models, **data, manifest=root / "testbed.json")
 
     def is_complete(self) -> bool:
-        """True when every checkpoint's weights and every data file exist."""
-        weights = [self.unaligned, self.aligned, self.finetuned, self.finetuned_benign]
-        return (
-            all((p / "model.safetensors").is_file() for p in weights)
-            and (self.finetuned_lora / "adapter_model.safetensors").is_file()
-            and all(getattr(self, f.name).is_file() for f in fields(self) if f.name.endswith(("data", "eval")))
-            and self.manifest.is_file()
-        )
+        """True when every checkpoint's weights, every data file and the manifest exist."""
+        weights = [getattr(self, name) / "model.safetensors" for name in MODEL_FOLDERS if name != "finetuned_lora"]
+        data = [getattr(self, key) for key in FILE_NAMES]
+        files = weights + data + [self.finetuned_lora / "adapter_model.safetensors", self.manifest]
+        return all(p.is_file() for p in files)
 
 
 def default_cache_dir() -> Path:

@@ -253,32 +253,25 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-@dataclass(frozen=True)
-class DataFiles:
-    """Paths of the testbed's data files."""
-
-    safety_data: Path
-    harmful_eval: Path
-    benign_eval: Path
-    task_eval: Path
-    user_data: Path
-    user_data_benign: Path
+FILE_NAMES = {
+    "safety_data": "safety_data.jsonl",
+    "harmful_eval": "harmful_eval.jsonl",
+    "benign_eval": "benign_eval.jsonl",
+    "task_eval": "task_eval.jsonl",
+    "user_data": "user_data.jsonl",
+    "user_data_benign": "user_data_benign.jsonl",
+}
 
 
-def write_data(corpus: Corpus, folder: Path) -> DataFiles:
-    """Write the corpus's user-facing sets as JSONL files in ``folder`` (which must exist)."""
-    files = DataFiles(
-        safety_data=folder / "safety_data.jsonl",
-        harmful_eval=folder / "harmful_eval.jsonl",
-        benign_eval=folder / "benign_eval.jsonl",
-        task_eval=folder / "task_eval.jsonl",
-        user_data=folder / "user_data.jsonl",
-        user_data_benign=folder / "user_data_benign.jsonl",
-    )
-    write_jsonl(files.safety_data, [{"prompt": p, "response": r} for p, r in corpus.safety])
-    write_jsonl(files.harmful_eval, [{"prompt": p} for p in corpus.harmful_eval])
-    write_jsonl(files.benign_eval, [{"prompt": p} for p in corpus.benign_eval])
-    write_jsonl(files.task_eval, [{"prompt": p, "answer": a} for p, a in corpus.task_eval])
-    write_jsonl(files.user_data, [{"prompt": p, "response": r} for p, r in corpus.user])
-    write_jsonl(files.user_data_benign, [{"prompt": p, "response": r} for p, r in corpus.user_benign])
-    return files
+def write_data(corpus: Corpus, folder: Path) -> None:
+    """Write the corpus's user-facing sets into ``folder`` (which must exist), named by ``FILE_NAMES``."""
+    rows = {
+        "safety_data": [{"prompt": p, "response": r} for p, r in corpus.safety],
+        "harmful_eval": [{"prompt": p} for p in corpus.harmful_eval],
+        "benign_eval": [{"prompt": p} for p in corpus.benign_eval],
+        "task_eval": [{"prompt": p, "answer": a} for p, a in corpus.task_eval],
+        "user_data": [{"prompt": p, "response": r} for p, r in corpus.user],
+        "user_data_benign": [{"prompt": p, "response": r} for p, r in corpus.user_benign],
+    }
+    for key, name in FILE_NAMES.items():
+        write_jsonl(folder / name, rows[key])

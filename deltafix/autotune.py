@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from deltafix.errors import InputError
-from deltafix.methods import Method, MethodParams
+from deltafix.methods import Method
+from deltafix.methods.registry import AutoTuneParams
 from deltafix.search import largest_passing, log_grid
 
 AsrFn = Callable[[torch.nn.Module, list[str]], float]
@@ -53,9 +54,9 @@ def tune_prompts(path: str | Path | None) -> list[str]:
     return prompts
 
 
-def autotune(method: Method, params: MethodParams, model: torch.nn.Module,
-             repaired: Callable[[MethodParams], dict[str, torch.Tensor]], prompts: list[str],
-             asr_of: AsrFn) -> tuple[MethodParams, dict[str, Any]]:
+def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
+             repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
+             asr_of: AsrFn) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the largest grid value whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
@@ -64,7 +65,7 @@ def autotune(method: Method, params: MethodParams, model: torch.nn.Module,
     """
     assert method.tune is not None
     spec = method.tune
-    target = float(getattr(params, "target_asr"))
+    target = params.target_asr
 
     def probe(value: float) -> tuple[bool, float]:
         state = repaired(params.model_copy(update={spec.param: value}))

@@ -258,12 +258,14 @@ def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
     if spec is None or getattr(opts.params, spec.param) != "auto":
         return opts.params, None
     from deltafix.autotune import autotune, tune_prompts
+    from deltafix.methods.registry import AutoTuneParams
     from deltafix.evaluate import evaluate_model, load_for_eval
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
         else inputs.finetuned.folder
     model, tokenizer = load_for_eval(skeleton, device=str(device))
-    prompts = tune_prompts(getattr(opts.params, "tune_prompts", None))
+    assert isinstance(opts.params, AutoTuneParams)
+    prompts = tune_prompts(opts.params.tune_prompts)
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
         return {spec.name: tensor for spec, tensor, _ in

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from deltafix.errors import OptionError
 
@@ -22,6 +22,15 @@ class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown keys are errors, values are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoTuneParams(MethodParams):
+    """Parameters shared by methods whose budget accepts ``auto`` (see ``TuneSpec``)."""
+
+    target_asr: float = Field(0.05, ge=0.0, le=1.0, description="ASR that an 'auto' budget must meet.")
+    tune_prompts: str | None = Field(
+        None, description="harmful prompts for an 'auto' budget (file); None = the built-in tune set."
+    )
 
 
 @dataclass

@@ -19,19 +19,15 @@ import torch
 from pydantic import Field
 
 from deltafix.errors import OptionError
-from deltafix.methods.registry import Method, MethodParams, Repaired, TuneSpec, WeightTensors, register
+from deltafix.methods.registry import AutoTuneParams, Method, Repaired, TuneSpec, WeightTensors, register
 from deltafix.methods.stats import delta_norms
 
 
-class RegMeanParams(MethodParams):
+class RegMeanParams(AutoTuneParams):
     mu: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
         1.0,
         description="μ: weight of the user data against the safety data; "
         "'auto' = the largest μ meeting target_asr on the tune prompts.",
-    )
-    target_asr: float = Field(0.05, ge=0.0, le=1.0, description="ASR that mu=auto must meet.")
-    tune_prompts: str | None = Field(
-        None, description="harmful prompts for mu=auto (file); None = the built-in set."
     )
     damp: float = Field(0.01, ge=0.0, description="ridge λ towards W_A, as a fraction of mean(diag H_s).")
     other_params: Literal["finetuned", "aligned"] = Field(

@@ -37,22 +37,18 @@ from pydantic import Field
 
 from deltafix import kernels
 from deltafix.errors import OptionError
-from deltafix.methods.registry import Method, MethodParams, Repaired, TuneSpec, WeightTensors, register
+from deltafix.methods.registry import AutoTuneParams, Method, Repaired, TuneSpec, WeightTensors, register
 from deltafix.methods.stats import delta_norms
 
 BUDGET_HIDDEN_SIZE = 4096
 """Llama-7B's hidden size: the reference's normaliser of the per-block budget (``out/4096``)."""
 
 
-class SafeDeltaParams(MethodParams):
+class SafeDeltaParams(AutoTuneParams):
     scale: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
         0.1,
         description="s: safety budget (0.11 harmful-only fine-tunes, 0.10 mixed); "
         "'auto' = the largest s meeting target_asr on the tune prompts.",
-    )
-    target_asr: float = Field(0.05, ge=0.0, le=1.0, description="ASR that scale=auto must meet.")
-    tune_prompts: str | None = Field(
-        None, description="harmful prompts for scale=auto (file); None = the built-in set."
     )
     damp: float = Field(0.01, ge=0.0, description="Hessian damping, as a fraction of mean(diag H).")
     block: int = Field(2048, ge=1, description="columns per selection block.")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from deltafix.calibration import load_calibration, load_tokenizer
 from deltafix.errors import InputError, OptionError
-from deltafix.hcache import HessianStore, hessians_for
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method
+
+if TYPE_CHECKING:
+    from deltafix.hcache import HessianStore
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Hessians:
 
 def _tokenizer(*folders: Path):
     """The first folder's tokenizer that loads (an adapter folder often has none)."""
+    from deltafix.calibration import load_tokenizer
     for folder in folders:
         if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
             return load_tokenizer(folder)
@@ -51,6 +54,10 @@ def method_hessians(method: Method, aligned: Path, finetuned: Path, finetuned_re
     """Capture (or load from the cache) what ``method`` needs; raise if its data is missing."""
     if not method.needs_hessian:
         return Hessians()
+    # Imported here: transformers costs seconds to import, and methods without Hessians never need it.
+    from deltafix.calibration import load_calibration
+    from deltafix.hcache import hessians_for
+
     if method.needs_utility and utility_data is None:
         raise OptionError(
             f"method {method.name} weighs safety against your task, so it needs a sample of the data F was "

@@ -15,16 +15,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
 from deltafix import __version__
 from deltafix.card import CARD_NAME, write_model_card
 from deltafix.config import recipe_yaml
 from deltafix.devices import resolve_device, resolve_dtype
-from deltafix.errors import InputError, OptionError
+from deltafix.errors import OptionError
 from deltafix.adapter_repair import repair_adapter_factors
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -32,12 +31,11 @@ from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
-from deltafix.methods import Method, MethodParams, Repaired, WeightTensors, get_method
-from deltafix.methods.stats import delta_norms
-from deltafix.plan import Plan, PlannedTensor, build_plan
+from deltafix.methods import Method, MethodParams, get_method
+from deltafix.plan import Plan, build_plan
+from deltafix.stream import repaired_tensors
 
 if TYPE_CHECKING:
-    from deltafix.hcache import HessianStore
     from deltafix.hessian_inputs import Hessians
 
 REPORT_NAME = "deltafix_report.json"
@@ -117,74 +115,6 @@ def estimate_peak_bytes(plan: Plan, n_inputs: int) -> int:
     """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output."""
     largest = max((t.nbytes // t.dtype.itemsize * 4 for t in plan.tensors), default=0)
     return largest * (n_inputs + 2)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum); the exact elementwise
-    check runs only when the sum is not finite, which a legitimate overflow could also cause."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
-
-
-def _load(reader: CheckpointReader, name: str, device: torch.device) -> torch.Tensor:
-    return reader.get(name).to(device=device, dtype=torch.float32)
-
-
-def _weights(inputs: Inputs, plan: Plan, device: torch.device, check_finite: bool,
-             hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
-    """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
-    safety = hessians.safety if hessians is not None else None
-    utility = hessians.utility if hessians is not None else None
-    a, f = inputs.readers["aligned"], inputs.readers["finetuned"]
-    p = inputs.readers.get("unaligned")
-    for spec in plan.tensors:
-        finetuned = _load(f, spec.name, device)
-        if check_finite and not all_finite(finetuned):
-            raise InputError(
-                f"the fine-tune's tensor {spec.name!r} contains NaN or Inf; fix it or pass --allow-nonfinite."
-            )
-        grown = finetuned[-spec.grown_rows:] if spec.grown_rows else None
-        if spec.grown_rows:
-            finetuned = finetuned[: -spec.grown_rows]
-        yield spec, WeightTensors(
-            name=spec.name,
-            aligned=_load(a, spec.aligned_name, device),
-            finetuned=finetuned,
-            unaligned=_load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None,
-            is_linear=spec.is_linear,
-            hessian=_on_device(safety, spec, device),
-            utility_hessian=_on_device(utility, spec, device),
-        ), grown
-
-
-def _on_device(source: HessianStore | None, spec: PlannedTensor,
-               device: torch.device) -> Callable[[], torch.Tensor] | None:
-    if source is None or not spec.is_linear:
-        return None
-    return lambda: source.get(spec.name).to(device=device, dtype=torch.float32)
-
-
-def repaired_tensors(method: Method, params: MethodParams, inputs: Inputs, plan: Plan, device: torch.device, *,
-                     check_finite: bool = True, hessians: Hessians | None = None,
-                     progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor, dict[str, float] | None]]:
-    """The method applied to every planned tensor, in plan order: ``(spec, CPU tensor in the
-    output dtype, per-module stats for decoder Linears else None)``. Writing to disk and in-memory
-    auto-tuning both consume this one stream."""
-    state = None
-    if method.survey is not None:
-        state = method.survey((w for _, w, _ in _weights(inputs, plan, device, False, hessians)), params)
-    steps = tqdm(_weights(inputs, plan, device, check_finite, hessians), total=len(plan.tensors),
-                 desc=f"repair ({method.name})", unit="tensor", disable=None if progress else True)
-    for spec, weight, grown in steps:
-        repaired = method.repair(weight, params, state)
-        tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
-        stats = _module_stats(weight, repaired) if spec.is_linear else None
-        yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
-
-
-def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]:
-    stats = delta_norms(weight.aligned, weight.finetuned, repaired.tensor)
-    stats.update({k: float(v) for k, v in repaired.stats.items()})
-    return stats
 
 
 def _input_record(ref: ResolvedRef, reader: CheckpointReader, digests: dict[Path, Future[str]]) -> dict[str, Any]:
@@ -269,7 +199,7 @@ def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
         return {spec.name: tensor for spec, tensor, _ in
-                repaired_tensors(method, params, inputs, plan, device, check_finite=False, hessians=hessians)}
+                repaired_tensors(method, params, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
 
     def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> float:
         return float(evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False).asr)
@@ -289,8 +219,8 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
     opts = dataclasses.replace(opts, params=params)
     modules: dict[str, dict[str, float]] = {}
     metadata = {"deltafix_version": __version__, "deltafix_method": method.name}
-    stream = repaired_tensors(method, opts.params, inputs, plan, device, check_finite=not opts.allow_nonfinite,
-                              hessians=hessians, progress=opts.progress)
+    stream = repaired_tensors(method, opts.params, inputs.readers, plan, device,
+                              check_finite=not opts.allow_nonfinite, hessians=hessians, progress=opts.progress)
     with atomic_output(opts.out) as tmp:
         with ShardedWriter(tmp, shards, metadata) as writer:
             for spec, tensor, stats in stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from deltafix.paths import cache_root
@@ -42,9 +43,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 a Hub cache already names the file by, else None.
+
+    ``snapshot_download`` links each LFS file of a snapshot to ``blobs/<sha256 of its content>``,
+    so the hash of a downloaded checkpoint costs nothing (small git files are named by their git
+    sha1 instead, 40 hex digits, and are hashed normally).
+    """
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return None
+
+
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a (large, read-only) file, reused from the memo while size and mtime are
-    unchanged, as ``make`` and ``rsync`` judge files."""
+    """Hex sha256 of a (large, read-only) file: the Hub cache's blob name when it has one, else
+    reused from the memo while size and mtime are unchanged, as ``make`` and ``rsync`` judge files."""
+    blob = hub_blob_sha256(path)
+    if blob is not None:
+        return blob
     key = _memo_key(path)
     memo = _load_memo()
     if key in memo:

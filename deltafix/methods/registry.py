@@ -89,7 +89,10 @@ class Method:
     every weight once before any repair (e.g. Safe LoRA ranks all modules by cosine) and its
     return value is passed to ``repair`` as ``state``. ``lora_b(weight, B, params, state)``,
     for methods whose edit is a left multiplication ``δ ← M δ``, maps a LoRA factor B (out, r)
-    to ``M B`` so that a repaired adapter stays an adapter.
+    to ``M B`` so that a repaired adapter stays an adapter. ``elementwise(params)`` is True when,
+    with these params, each output entry depends only on the same entry of the inputs and
+    ``repair`` reports no stats: the pipeline may then stream any flat piece of a weight through
+    ``repair`` (see ``deltafix.stream``).
     """
 
     name: str
@@ -102,6 +105,7 @@ class Method:
     needs_utility: bool = False
     lora_b: LoraBFn | None = None
     tune: TuneSpec | None = None
+    elementwise: Callable[[Any], bool] | None = None
 
     @property
     def keeps_low_rank(self) -> bool:

@@ -65,6 +65,11 @@ def _repair(weight: WeightTensors, params: RestaParams, state: None) -> Repaired
     return Repaired(out)
 
 
+def _elementwise(params: RestaParams) -> bool:
+    """DARE draws one mask per whole tensor, so only the plain merge may be streamed in pieces."""
+    return params.dare == 0.0
+
+
 register(
     Method(
         name="resta",
@@ -72,5 +77,6 @@ register(
         params=RestaParams,
         repair=_repair,
         needs_unaligned=True,
+        elementwise=_elementwise,
     )
 )

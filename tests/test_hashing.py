@@ -1,0 +1,41 @@
+"""Input hashes for the report: the Hub cache's blob names are used as they are, other files hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from deltafix.io.hashing import file_sha256, hub_blob_sha256, sha256_file
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "cache"))
+
+
+def test_hub_snapshot_link_is_named_by_its_sha256(tmp_path: Path) -> None:
+    data = os.urandom(4096)
+    blob = tmp_path / "models--org--m" / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    link = tmp_path / "models--org--m" / "snapshots" / "abc" / "model.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    assert hub_blob_sha256(link) == blob.name == file_sha256(link) == sha256_file(link)
+
+
+def test_other_files_and_links_are_hashed(tmp_path: Path) -> None:
+    data = os.urandom(4096)
+    plain = tmp_path / "model.safetensors"
+    plain.write_bytes(data)
+    git_blob = tmp_path / "blobs" / hashlib.sha1(data).hexdigest()  # small files: git sha1 names
+    git_blob.parent.mkdir()
+    git_blob.write_bytes(data)
+    link = tmp_path / "config.json"
+    link.symlink_to(git_blob)
+    for path in (plain, link):
+        assert hub_blob_sha256(path) is None
+        assert file_sha256(path) == hashlib.sha256(data).hexdigest()

@@ -12,7 +12,9 @@ repair cost about as much as a plain copy (DESIGN §7). The result is bit-identi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterator, Union
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
 
 import torch
 from tqdm import tqdm
@@ -35,6 +37,8 @@ CPU_PIECE = 1 << 18
 """Elements per piece on CPU: 1 MB of fp32 per input, measured fastest (2^16 and 2^20 were slower)."""
 DEVICE_PIECE = 1 << 24
 """Elements per piece on an accelerator, where kernel launches, not cache, set the piece size."""
+MAX_PIECE_WORKERS = 4
+"""Beyond a few threads the pieces are bound by memory bandwidth, not cores."""
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -89,39 +93,65 @@ def _module_stats(weight: WeightTensors, repaired: Repaired) -> Stats:
     return stats
 
 
+class _PieceBuffers:
+    """One worker's reused buffers: a raw one per (input, stored dtype), an fp32 one per input."""
+
+    def __init__(self, roles: Iterable[str], piece: int, device: torch.device) -> None:
+        self.piece = piece
+        self.raw: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.fp32 = {role: torch.empty(piece, device=device) for role in roles}
+        self.diff = torch.empty(piece, device=device)
+
+    def read(self, reader: CheckpointReader, role: str, name: str, start: int, n: int) -> torch.Tensor:
+        dtype = reader.info(name).dtype
+        raw = self.raw.get((role, dtype))
+        if raw is None:
+            raw = self.raw[role, dtype] = torch.empty(self.piece, dtype=dtype)
+        return self.fp32[role][:n].copy_(reader.read_flat(name, start, raw[:n]))
+
+    def sq_norm(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return torch.linalg.vector_norm(torch.sub(x, y, out=self.diff[:x.numel()])).item() ** 2
+
+
 class PieceStream:
     """Streams one weight at a time through an elementwise method in pieces (see module doc).
 
-    Holds one raw buffer per (input, stored dtype) and one fp32 buffer per input, reused for every
-    piece of every tensor; only the output tensor is allocated per weight.
+    Each weight's pieces are split into contiguous spans, one per worker thread (torch and the
+    reads release the GIL); every worker reuses its own buffers, so only the output tensor is
+    allocated per weight.
     """
 
-    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device) -> None:
+    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device, pool: ThreadPoolExecutor,
+                 workers: int) -> None:
         self.readers = readers
-        self.device = device
         self.piece = CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
-        self._raw: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._fp32 = {role: torch.empty(self.piece, device=device) for role in readers}
-
-    def _read(self, role: str, name: str, start: int, n: int) -> torch.Tensor:
-        reader = self.readers[role]
-        dtype = reader.info(name).dtype
-        raw = self._raw.get((role, dtype))
-        if raw is None:
-            raw = self._raw[role, dtype] = torch.empty(self.piece, dtype=dtype)
-        return self._fp32[role][:n].copy_(reader.read_flat(name, start, raw[:n]))
+        self.pool = pool
+        self.buffers = [_PieceBuffers(readers, self.piece, device) for _ in range(workers)]
 
     def repair(self, method: Method, params: MethodParams, spec: PlannedTensor,
                check_finite: bool) -> tuple[torch.Tensor, Stats | None]:
         """The repaired tensor (CPU, output dtype) and, for decoder Linears, its delta norms."""
         out = torch.empty(spec.shape, dtype=spec.dtype)
-        flat = out.view(-1)
+        starts = list(range(0, out.numel(), self.piece))
+        per_worker = -(-len(starts) // len(self.buffers)) or 1
+        spans = [starts[i:i + per_worker] for i in range(0, len(starts), per_worker)]
+        jobs = [self.pool.submit(self._span, buffers, span, out.view(-1), method, params, spec, check_finite)
+                for buffers, span in zip(self.buffers, spans)]
+        norms = [job.result() for job in jobs]
+        if not spec.is_linear:
+            return out, None
+        return out, {"delta_norm_before": math.sqrt(sum(b for b, _ in norms)),
+                     "delta_norm_after": math.sqrt(sum(a for _, a in norms))}
+
+    def _span(self, buf: _PieceBuffers, starts: list[int], flat: torch.Tensor, method: Method,
+              params: MethodParams, spec: PlannedTensor, check_finite: bool) -> tuple[float, float]:
+        """Repair the pieces at ``starts`` into ``flat``; squared delta norms before/after."""
         kept = self.readers["aligned"].info(spec.aligned_name).numel
         unaligned = spec.unaligned_name if "unaligned" in self.readers else None
         before = after = 0.0
-        for start in range(0, flat.numel(), self.piece):
+        for start in starts:
             n = min(self.piece, flat.numel() - start)
-            finetuned = self._read("finetuned", spec.name, start, n)
+            finetuned = buf.read(self.readers["finetuned"], "finetuned", spec.name, start, n)
             if check_finite and not all_finite(finetuned):
                 raise _nonfinite(spec.name)
             if start >= kept:  # F's extra vocabulary rows: copied as they are
@@ -130,20 +160,25 @@ class PieceStream:
             n_kept = min(n, kept - start)
             weight = WeightTensors(
                 name=spec.name,
-                aligned=self._read("aligned", spec.aligned_name, start, n_kept),
+                aligned=buf.read(self.readers["aligned"], "aligned", spec.aligned_name, start, n_kept),
                 finetuned=finetuned[:n_kept],
-                unaligned=self._read("unaligned", unaligned, start, n_kept) if unaligned else None,
+                unaligned=(buf.read(self.readers["unaligned"], "unaligned", unaligned, start, n_kept)
+                           if unaligned else None),
                 is_linear=spec.is_linear,
             )
             result = method.repair(weight, params, None).tensor
             if spec.is_linear:
-                before += torch.linalg.vector_norm(weight.finetuned - weight.aligned).item() ** 2
-                after += torch.linalg.vector_norm(result - weight.aligned).item() ** 2
+                before += buf.sq_norm(weight.finetuned, weight.aligned)
+                after += buf.sq_norm(result, weight.aligned)
             flat[start:start + n_kept].copy_(result)
             flat[start + n_kept:start + n].copy_(finetuned[n_kept:])
-        if not spec.is_linear:
-            return out, None
-        return out, {"delta_norm_before": math.sqrt(before), "delta_norm_after": math.sqrt(after)}
+        return before, after
+
+
+def piece_workers() -> int:
+    """Threads for piece streaming: the usable cores, at most ``MAX_PIECE_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_PIECE_WORKERS, cores))
 
 
 def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, Reader]) -> bool:
@@ -161,12 +196,14 @@ def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, Re
     bar = dict(total=len(plan.tensors), desc=f"repair ({method.name})", unit="tensor",
                disable=None if progress else True)
     if streams_in_pieces(method, params, readers):
-        pieces = PieceStream(readers, device)  # type: ignore[arg-type]
+        workers = piece_workers() if device.type == "cpu" else 1
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a piece is too small to split: more threads only wait on each other
+        torch.set_num_threads(1)  # a piece is too small to split: threads work on separate pieces instead
         try:
-            for spec in tqdm(plan.tensors, **bar):
-                yield spec, *pieces.repair(method, params, spec, check_finite)
+            with ThreadPoolExecutor(workers, thread_name_prefix="deltafix-piece") as pool:
+                pieces = PieceStream(readers, device, pool, workers)  # type: ignore[arg-type]
+                for spec in tqdm(plan.tensors, **bar):
+                    yield spec, *pieces.repair(method, params, spec, check_finite)
         finally:
             torch.set_num_threads(threads)
         return

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -119,6 +122,7 @@ class CheckpointReader:
         self._check_index()
         self._open_file: Path | None = None
         self._handle = None
+        self._lock = threading.Lock()
 
     def _shard_files(self, allow_pickle: bool) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -210,14 +214,24 @@ class CheckpointReader:
         return out
 
     def _read_into(self, info: TensorInfo, offset: int, buffer: memoryview) -> None:
-        """Positioned read of ``len(buffer)`` bytes at ``offset`` into the tensor's data."""
-        if self._open_file != info.file:
-            self.close()
-            self._handle = info.file.open("rb")
-            self._open_file = info.file
+        """Positioned read of ``len(buffer)`` bytes at ``offset`` into the tensor's data.
+
+        ``pread`` moves no shared file offset, so threads may read pieces of the same shard at
+        once; only switching shards takes the lock.
+        """
+        with self._lock:
+            if self._open_file != info.file:
+                self.close()
+                self._handle = info.file.open("rb", buffering=0)
+                self._open_file = info.file
+            handle = self._handle
         try:
-            self._handle.seek(info.data_start + offset)
-            read = self._handle.readinto(buffer)
+            if hasattr(os, "preadv"):
+                read = _pread_into(handle.fileno(), buffer, info.data_start + offset)
+            else:  # no pread (Windows): seek and read while holding the lock
+                with self._lock:
+                    handle.seek(info.data_start + offset)
+                    read = _read_fully(handle, buffer)
         except OSError as err:
             raise InputError(f"cannot read {info.name!r} from {info.file}: {err.strerror or err}.") from err
         if read != len(buffer):
@@ -231,3 +245,26 @@ class CheckpointReader:
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _pread_into(fd: int, buffer: memoryview, position: int) -> int:
+    """Fill ``buffer`` from ``position`` (until EOF); returns the bytes read. Loops because one
+    call returns at most ~2 GB on Linux, and a large embedding can exceed that."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], position + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _read_fully(handle: BinaryIO, buffer: memoryview) -> int:
+    """``readinto`` until ``buffer`` is full or EOF (an unbuffered read may return less)."""
+    done = 0
+    while done < len(buffer):
+        n = handle.readinto(buffer[done:])
+        if not n:
+            break
+        done += n
+    return done

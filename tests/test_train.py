@@ -18,7 +18,7 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.train.asft import asft_penalty, asft_regulariser, asft_terms
 from deltafix.train.cli import train_app
 from deltafix.train.data import IGNORE_INDEX, Record, collator, load_records, prepare_tokenizer, tokenize_record
-from deltafix.train.spag import spag_correct, spag_step_size
+from deltafix.train.spag import ETA_SAFE, spag_correct, spag_step_size
 from deltafix.train.spard import REPORT_NAME, TrainOptions, train_adapter
 from tests.conftest import TINY_LLAMA, save_tiny_llama
 
@@ -236,6 +236,8 @@ def test_spard_run_writes_a_loadable_adapter(models_dir: dict[str, Path], tmp_pa
     assert report["safety_examples"] == 4 and report["safety_pool"] == len(SAFETY)
     assert report["corrections_fired"] == sum(loss > 0.2 for loss in report["safety_losses"])
     assert report["correction_steps"] == [i for i, loss in enumerate(report["safety_losses"]) if loss > 0.2]
+    assert len(report["correction_sizes"]) == report["corrections_fired"]
+    assert all(0 < size <= ETA_SAFE for size in report["correction_sizes"])
     state = lora_state(out, models_dir["A"])
     assert len(state) == 2 * 5 * TINY_LLAMA["num_hidden_layers"]
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in state.items())

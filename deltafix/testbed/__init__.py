@@ -5,6 +5,6 @@ F (fine-tuned with harmful data), F_benign, F_lora (adapter) and the JSONL data 
 ``build`` for the model chain, ``language`` for the data and ``training`` for the models.
 """
 
-from deltafix.testbed.build import Recipe, Testbed, build_testbed, default_cache_dir
+from deltafix.testbed.build import Recipe, Testbed, build_testbed, default_cache_dir, write_pipeline_data
 
-__all__ = ["Recipe", "Testbed", "build_testbed", "default_cache_dir"]
+__all__ = ["Recipe", "Testbed", "build_testbed", "default_cache_dir", "write_pipeline_data"]

@@ -31,7 +31,8 @@ from peft import LoraConfig, get_peft_model
 
 from deltafix.errors import OutputError
 from deltafix.evaluate import quiet_transformers
-from deltafix.testbed.language import FILE_NAMES, DataSizes, make_corpus, vocabulary, write_data
+from deltafix.testbed.language import (FILE_NAMES, DataSizes, make_corpus, pipeline_data, vocabulary, write_data,
+                                       write_jsonl)
 from deltafix.testbed.training import ModelShape, Schedule, build_tokenizer, encode, new_model, train
 
 RECIPE_VERSION = 1
@@ -100,6 +101,25 @@ class Testbed:
         data = [getattr(self, key) for key in FILE_NAMES]
         files = weights + data + [self.finetuned_lora / "adapter_model.safetensors", self.manifest]
         return all(p.is_file() for p in files)
+
+
+def write_pipeline_data(testbed: Testbed, folder: Path, n_harmful: int = 100, n_benign: int = 100
+                        ) -> tuple[Path, Path]:
+    """Write the Buffer-and-Reinforce pipeline's extra data for ``testbed`` into ``folder``.
+
+    Returns the paths of ``harmful_compliance.jsonl`` (BufferLoRA data) and ``benign_chat.jsonl``
+    (trained with the refusals), both ``{"prompt", "response"}`` in the testbed's own vocabulary
+    (see ``language.pipeline_data``). The seed and the evaluation split are read from the
+    testbed's manifest, so the requests come from the same training actions the testbed used.
+    """
+    manifest = json.loads(testbed.manifest.read_text(encoding="utf-8"))
+    harmful, benign = pipeline_data(manifest["seed"], manifest["recipe"]["sizes"]["eval_share"], n_harmful, n_benign)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "harmful_compliance.jsonl", folder / "benign_chat.jsonl"
+    for path, pairs in zip(paths, (harmful, benign)):
+        write_jsonl(path, [{"prompt": p, "response": r} for p, r in pairs])
+    return paths
 
 
 def default_cache_dir() -> Path:

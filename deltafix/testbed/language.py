@@ -246,6 +246,23 @@ def make_corpus(seed: int, sizes: DataSizes = DataSizes()) -> Corpus:
     return Corpus(pretrain, align, user, user_benign, safety, harmful_eval, benign_eval, task_eval)
 
 
+def pipeline_data(seed: int, eval_share: float, n_harmful: int, n_benign: int
+                  ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Extra training data for the Buffer-and-Reinforce pipeline, as ``(harmful, benign)`` pairs.
+
+    ``harmful``: ``n_harmful`` harmful requests answered helpfully (the BufferLoRA's harmful
+    compliance data); ``benign``: ``n_benign`` benign requests answered helpfully (benign chat that
+    the ReinforceLoRA learns next to the refusals). Both come from the training split of
+    ``split_actions(seed, eval_share)`` only, so every evaluation prompt stays unseen, and from
+    their own seeded stream, so drawing them changes none of the testbed's files.
+    """
+    rng = random.Random(f"pipeline-{seed}")
+    splits = split_actions(seed, eval_share)
+    harmful = [(p, compliance(a)) for p, a in rng.sample(all_requests(splits.harmful_train), n_harmful)]
+    benign = [(p, compliance(a)) for p, a in rng.sample(all_requests(splits.benign_train), n_benign)]
+    return harmful, benign
+
+
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     """One JSON object per line, UTF-8, keys in a fixed order (so equal data gives equal bytes)."""
     with path.open("w", encoding="utf-8") as fh:

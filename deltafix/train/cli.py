@@ -67,8 +67,9 @@ def _train(as_json: bool, **fields: Any) -> None:
     line = (f"trained {opts.mode} adapter for {report['steps']} steps in {report['seconds']:.1f}s; "
             f"final loss {report['losses'][-1]:.4f}")
     if opts.mode == "spard":
+        capped = sum(size >= opts.eta_safe for size in report["correction_sizes"])
         line += (f"; {report['safety_examples']} of {report['safety_pool']} safety examples; "
-                 f"SPAG fired {report['corrections_fired']} times")
+                 f"SPAG fired {report['corrections_fired']} times ({capped} capped at --eta-safe)")
     typer.echo(f"{line}; wrote {opts.out}")
 
 
@@ -110,9 +111,10 @@ def spard(
                                          help="Pick the safety subset with the DPP, or use all of it.")] = True,
     p: P = 0.03,
     beta: Beta = 4.0,
-    tau: Annotated[float, typer.Option("--tau", min=0.0, help="SPAG fires when the safety loss exceeds τ.")] = 0.2,
-    eta_safe: Annotated[Optional[float], typer.Option("--eta-safe", min=0.0,
-                                                      help="Largest SPAG step (default: --lr).")] = None,
+    tau: Annotated[float, typer.Option("--tau", min=0.0, help="SPAG fires when the safety loss exceeds τ; set it a "
+                                                            "little above the base's own loss on the safety data.")] = 0.2,
+    eta_safe: Annotated[float, typer.Option("--eta-safe", min=0.0, help="Largest SPAG step size: bounds the jump "
+                                                                        "when the safety gradient is tiny.")] = 1.0,
     spag: Annotated[str, typer.Option("--spag", help="paper: projection step; code: optimizer step on the "
                                                      "safety batch when loss > τ + δ.")] = "paper",
     delta: Annotated[float, typer.Option("--delta", min=0.0, help="Margin δ of --spag code.")] = 0.1,

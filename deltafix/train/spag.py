@@ -4,11 +4,20 @@ After each utility step, with the safety loss ℓ and its gradient g on a safety
 move by the Polyak-style step ``θ ← θ − min((ℓ − τ) / ‖g‖², η_safe) · g``. To first order this
 lowers ℓ to τ exactly (the projection of θ onto the half-space {ℓ ≤ τ} of the linearised loss),
 capped at η_safe so that a tiny gradient cannot cause a huge jump.
+
+The cap is a constant (``ETA_SAFE``), not the learning rate: the utility steps are AdamW steps,
+which move every coordinate by about lr whatever the gradient's scale, while a step of size lr
+along g moves θ by only lr·‖g‖. On the testbed the projection step (ℓ − τ)/‖g‖² is about 0.05
+against lr = 0.002, so a cap of lr bound at every step and SPAG barely moved (ASR stayed 1.00).
+With η_safe = 1 the move ``min((ℓ − τ)/‖g‖, η_safe·‖g‖)`` is never longer than
+``sqrt(η_safe·(ℓ − τ))``, whatever ‖g‖, and the projection itself is left alone.
 """
 
 from __future__ import annotations
 
 import torch
+
+ETA_SAFE = 1.0
 
 
 def spag_step_size(loss: float, grad_sq_norm: float, tau: float, eta_safe: float) -> float:

@@ -36,6 +36,7 @@ from deltafix import __version__
 from deltafix.devices import resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
+from deltafix.train.spag import ETA_SAFE, spag_correct
 
 REPORT_NAME = "deltafix_train_report.json"
 LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,7 +81,7 @@ class TrainOptions(LoraTraining):
     beta: float = Field(4.0, ge=0, description="DPP relevance exponent")
     unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
     tau: float = Field(0.2, ge=0, description="SPAG safety-loss threshold")
-    eta_safe: float | None = Field(None, gt=0, description="SPAG largest step; None: lr")
+    eta_safe: float = Field(ETA_SAFE, gt=0, description="SPAG largest step size (see spag)")
     spag: Literal["paper", "code"] = "paper"
     delta: float = Field(0.1, ge=0, description="margin of the code SPAG variant: step when loss > tau + delta")
     lam: float = Field(1.0, ge=0, description="AsFT penalty weight")
@@ -211,7 +212,6 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
     from deltafix.io.reader import CheckpointReader
     from deltafix.io.refs import resolve_ref
     from deltafix.train.asft import asft_regulariser, asft_terms
-    from deltafix.train.spag import spag_correct
 
     if opts.mode == "asft" and not opts.unaligned:
         raise OptionError("asft training needs --unaligned, the pre-alignment base P of --base.")
@@ -241,11 +241,11 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
     steps = opts.max_steps or opts.epochs * len(loaders[0])
     user_batches = _batches(loaders[0])
     safety_batches = _batches(loaders[1]) if safety else None
-    eta_safe = opts.eta_safe or opts.lr
     losses: list[float] = []
     penalties: list[float] = []
     safety_losses: list[float] = []
     fired: list[int] = []
+    step_sizes: list[float] = []
     bar = tqdm(range(steps), desc=opts.mode, unit="step", disable=not (opts.progress and accelerator.is_main_process))
     for step in bar:
         model.train()
@@ -265,7 +265,10 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
             ell = accelerator.reduce(safety_loss.detach(), "mean").item()
             safety_losses.append(ell)
             if opts.spag == "paper":
-                corrected = spag_correct(trainable, ell, opts.tau, eta_safe) > 0
+                size = spag_correct(trainable, ell, opts.tau, opts.eta_safe)
+                corrected = size > 0
+                if corrected:
+                    step_sizes.append(size)
             else:
                 corrected = ell > opts.tau + opts.delta
                 if corrected:
@@ -290,6 +293,7 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
         "asft_penalties": penalties,
         "corrections_fired": len(fired),
         "correction_steps": fired,
+        "correction_sizes": step_sizes,
         "seconds": time.perf_counter() - started,
     }
     accelerator.wait_for_everyone()

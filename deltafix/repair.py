@@ -172,13 +172,22 @@ def repaired_tensors(method: Method, params: MethodParams, inputs: Inputs, plan:
     state = None
     if method.survey is not None:
         state = method.survey((w for _, w, _ in _weights(inputs, plan, device, False, hessians)), params)
+    sequential = hessians.sequential if hessians is not None else None
+    if sequential is not None:
+        assert method.sequential is not None and state is None
+        spec = method.sequential
+        state = sequential.solve(lambda w_a, w_f, grams: spec.solve(w_a, w_f, grams, params), spec.keep(params))
     steps = tqdm(_weights(inputs, plan, device, check_finite, hessians), total=len(plan.tensors),
                  desc=f"repair ({method.name})", unit="tensor", disable=None if progress else True)
-    for spec, weight, grown in steps:
-        repaired = method.repair(weight, params, state)
-        tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
-        stats = _module_stats(weight, repaired) if spec.is_linear else None
-        yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
+    try:
+        for spec, weight, grown in steps:
+            repaired = method.repair(weight, params, state)
+            tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
+            stats = _module_stats(weight, repaired) if spec.is_linear else None
+            yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
+    finally:
+        if sequential is not None:
+            state.close()
 
 
 def _module_stats(weight: WeightTensors, repaired: Repaired) -> dict[str, float]:
@@ -231,7 +240,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         else:
             from deltafix.hessian_inputs import method_hessians  # imports transformers: only when needed
 
-            hessians = method_hessians(method, inputs.aligned.folder, inputs.finetuned.folder,
+            hessians = method_hessians(method, opts.params, inputs.aligned.folder, inputs.finetuned.folder,
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
                                        utility_data=opts.utility_data, device=device,
                                        cache_dir=opts.hessian_cache, no_cache=opts.no_cache)
@@ -301,7 +310,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)
         report["output"]["kind"] = "full"
-        if hessians.safety is not None:
+        if hessians.safety is not None or hessians.sequential is not None:
             report["calibration"] = hessians.summary()
         if tuning is not None:
             report["autotune"] = tuning

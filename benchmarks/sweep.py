@@ -1,7 +1,11 @@
 """Sweep each method's main parameter on the testbed and print (value, ASR, benign help, task
 accuracy, seconds) tables: the evidence behind the recipe defaults (not a test).
 
-    python benchmarks/sweep.py [--methods safedelta regmean ...] [--out DIR]
+    python benchmarks/sweep.py [--methods safedelta regmean ...] [--set KEY=VALUE ...] [--utility-data FILE] [--out DIR]
+
+``--set`` fixes a parameter for every row (e.g. ``--set sequential=false`` for RegMean on
+independent Hessians); ``--utility-data`` replaces the testbed's user data (e.g. the task-only mix
+``user_data_benign.jsonl``) for methods that read it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltafix.config import method_params
+from deltafix.config import method_params, parse_sets
 from deltafix.demo import recipe_params
 from deltafix.evaluate import evaluate_folder
 from deltafix.repair import RepairOptions, run_repair
@@ -20,7 +24,7 @@ from deltafix.testbed import build_testbed
 
 SWEEPS: dict[str, list[dict]] = {
     "safedelta": [{"scale": s} for s in (0.1, 1, 3, 10, 30, 100, 300, 1000, 3000)],
-    "regmean": [{"mu": m} for m in (0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100)],
+    "regmean": [{"mu": m} for m in (0.01, 0.1, 0.3, 1, 1.5, 2, 2.5, 3, 4, 5, 10, 100)],
     "asft": [{"lam": lam, "projector": p} for p in ("exact", "reference") for lam in (1, 3, 10, 100, math.inf)],
     "safelora": [{"select": "number", "k": k} for k in (2, 5, 10, 14)]
     + [{"select": "threshold", "threshold": t} for t in (0.2, 0.35, 0.5)],
@@ -32,20 +36,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(SWEEPS))
     parser.add_argument("--finetuned", default="finetuned", help="testbed model to repair (finetuned or finetuned_lora)")
+    parser.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
+                        help="parameter fixed for every row of every method given")
+    parser.add_argument("--utility-data", type=Path, default=None, help="instead of the testbed's user data")
     parser.add_argument("--out", type=Path, default=None)
     opts = parser.parse_args()
     bed = build_testbed(progress=False)
     out = opts.out or Path(tempfile.mkdtemp(prefix="deltafix-sweep-"))
+    overrides = parse_sets(opts.fixed)
     for method in opts.methods:
-        print(f"\n## {method} on {opts.finetuned}\n")
+        fixed = "".join(f", {s}" for s in opts.fixed)
+        print(f"\n## {method} on {opts.finetuned}{fixed}\n")
         print("| setting | ASR | benign help | task acc | seconds |\n|---|---|---|---|---|")
         for setting in SWEEPS[method]:
-            params = method_params(method, {**recipe_params(method), **setting}, {})
+            params = method_params(method, {**recipe_params(method), **setting}, overrides)
             start = time.perf_counter()
             run_repair(RepairOptions(
                 base=str(bed.aligned), finetuned=str(getattr(bed, opts.finetuned)), out=out / method,
                 method=method, params=params, unaligned=str(bed.unaligned), safety_data=bed.safety_data,
-                utility_data=bed.user_data, device="cpu", overwrite=True, progress=False,
+                utility_data=opts.utility_data or bed.user_data, device="cpu", overwrite=True, progress=False,
             ))
             seconds = time.perf_counter() - start
             r = evaluate_folder(out / method, base=bed.aligned, harmful=bed.harmful_eval, benign=bed.benign_eval,

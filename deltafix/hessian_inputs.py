@@ -2,7 +2,8 @@
 
 Safe Delta and RegMean use ``H_s``: inputs of the aligned model A on the safety data. RegMean
 also uses ``H_u``: inputs of the fine-tune F on a sample of the user's own data. Both come from
-the on-disk cache when A (or F) and the data are unchanged.
+the on-disk cache when A (or F) and the data are unchanged. A method solved sequentially
+(``deltafix.sequential``) gets the rendered data instead, since its Grams depend on its parameters.
 """
 
 from __future__ import annotations
@@ -16,18 +17,40 @@ import torch
 from deltafix.errors import InputError, OptionError
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import CheckpointReader
-from deltafix.methods import Method
+from deltafix.methods import Method, MethodParams
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported at run time only where used: they pull in transformers
+    from deltafix.calibration import CalibrationSet
     from deltafix.hcache import HessianStore
+    from deltafix.sequential import SolveFn, SolvedWeights
+
+
+@dataclass
+class SequentialInputs:
+    """What a sequential solve needs besides the method: the models and the rendered data."""
+
+    aligned: Path
+    finetuned: Path
+    finetuned_source: AdapterCheckpoint | None
+    safety: CalibrationSet
+    utility: CalibrationSet
+    device: torch.device
+
+    def solve(self, solve: SolveFn, keep: str) -> SolvedWeights:
+        from deltafix.sequential import solve_sequentially
+
+        return solve_sequentially(self.aligned, self.finetuned, self.safety.samples, self.utility.samples, solve,
+                                  keep=keep, finetuned_source=self.finetuned_source, device=self.device)
 
 
 @dataclass
 class Hessians:
-    """``safety``: H of A on the safety data; ``utility``: H of F on the user's data (per weight name)."""
+    """``safety``: H of A on the safety data; ``utility``: H of F on the user's data (per weight name);
+    ``sequential``: the inputs of a sequential solve instead of either."""
 
     safety: HessianStore | None = None
     utility: HessianStore | None = None
+    sequential: SequentialInputs | None = None
 
     def close(self) -> None:
         for store in (self.safety, self.utility):
@@ -35,6 +58,9 @@ class Hessians:
                 store.close()
 
     def summary(self) -> dict[str, object]:
+        if self.sequential is not None:
+            return {"sequential": True, "safety": {"samples": len(self.sequential.safety.samples)},
+                    "utility": {"samples": len(self.sequential.utility.samples)}}
         return {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
                 for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
 
@@ -48,10 +74,11 @@ def _tokenizer(*folders: Path):
     raise InputError(f"no tokenizer found in {', '.join(str(f) for f in folders)}; calibration needs one.")
 
 
-def method_hessians(method: Method, aligned: Path, finetuned: Path, finetuned_reader: CheckpointReader | AdapterCheckpoint,
-                    *, safety_data: Path | None, utility_data: Path | None, device: torch.device,
-                    cache_dir: Path | None = None, no_cache: bool = False) -> Hessians:
-    """Capture (or load from the cache) what ``method`` needs; raise if its data is missing."""
+def method_hessians(method: Method, params: MethodParams, aligned: Path, finetuned: Path,
+                    finetuned_reader: CheckpointReader | AdapterCheckpoint, *, safety_data: Path | None,
+                    utility_data: Path | None, device: torch.device, cache_dir: Path | None = None,
+                    no_cache: bool = False) -> Hessians:
+    """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing."""
     if not method.needs_hessian:
         return Hessians()
     # Imported here: transformers costs seconds to import, and methods without Hessians never need it.
@@ -64,11 +91,17 @@ def method_hessians(method: Method, aligned: Path, finetuned: Path, finetuned_re
             "fine-tuned on: pass --utility-data FILE (JSONL with prompt/response or messages)."
         )
     safety_set = load_calibration(safety_data, _tokenizer(aligned))
+    adapter = isinstance(finetuned_reader, AdapterCheckpoint)
+    if method.sequential is not None and method.sequential.enabled(params):
+        assert utility_data is not None
+        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
+        return Hessians(sequential=SequentialInputs(aligned, aligned if adapter else finetuned,
+                                                    finetuned_reader if adapter else None, safety_set, user_set,
+                                                    device))
     hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
                                             device=device))
     if method.needs_utility:
         assert utility_data is not None
-        adapter = isinstance(finetuned_reader, AdapterCheckpoint)
         user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
         hessians.utility = hessians_for(aligned if adapter else finetuned, user_set, cache_dir=cache_dir,
                                         no_cache=no_cache, device=device,

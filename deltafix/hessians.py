@@ -55,7 +55,7 @@ class LayerHessians:
 
 
 @dataclass
-class _Batch:
+class LayerBatch:
     """One padded batch on its way through the layers.
 
     ``hidden`` (B, T, d) are the current layer's inputs, ``mask`` (B, T) bool marks real tokens,
@@ -68,7 +68,7 @@ class _Batch:
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Ends the recording forward after the last layer's arguments are known."""
 
 
@@ -124,7 +124,7 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent) if parent else root), leaf
 
 
-def _materialise(
+def materialise(
     module: nn.Module,
     prefix: str,
     source: TensorSource,
@@ -182,9 +182,9 @@ def make_batches(samples: Sequence[torch.Tensor], batch_size: int) -> list[tuple
     return batches
 
 
-def _record_layer_inputs(
+def record_layer_inputs(
     base: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor
-) -> _Batch:
+) -> LayerBatch:
     """Run the model's own forward with every layer replaced by a recorder.
 
     The model computes the attention masks and position embeddings it hands each layer (they
@@ -204,7 +204,7 @@ def _record_layer_inputs(
             if i == 0:
                 first.append(hidden)
             if i == len(layers) - 1:
-                raise _StopForward
+                raise StopForward
             return hidden
 
         return forward
@@ -213,14 +213,14 @@ def _record_layer_inputs(
         layer.forward = recorder(i)
     try:
         base(input_ids=ids, attention_mask=mask.long(), use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for layer in layers:
             del layer.forward
     if not first or any(call is None for call in calls):
         raise InputError(f"{type(base).__name__} does not call each decoder layer once; calibration cannot follow it.")
-    return _Batch(hidden=first[0], mask=mask, calls=calls)  # type: ignore[arg-type]
+    return LayerBatch(hidden=first[0], mask=mask, calls=calls)  # type: ignore[arg-type]
 
 
 class _InputGrams:
@@ -264,7 +264,7 @@ class _InputGrams:
         return {name: self.grams[name] for name in linears}
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MB) in the heap; with
@@ -275,13 +275,13 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def _run_layer(layer: nn.Module, batch: _Batch, index: int) -> None:
+def run_layer(layer: nn.Module, batch: LayerBatch, index: int) -> None:
     args, kwargs = batch.calls[index]
     out = layer(batch.hidden, *args, **kwargs)
     batch.hidden = out[0] if isinstance(out, tuple) else out
 
 
-def _layer_grams(layer: nn.Module, batches: list[_Batch], index: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _layer_grams(layer: nn.Module, batches: list[LayerBatch], index: int, device: torch.device) -> dict[str, torch.Tensor]:
     """``Σ XᵀX`` per Linear of one layer over every batch; the outputs replace ``batch.hidden``."""
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     grams = _InputGrams(device)
@@ -292,7 +292,7 @@ def _layer_grams(layer: nn.Module, batches: list[_Batch], index: int, device: to
     try:
         for batch in batches:
             grams.start_batch(batch.mask)
-            _run_layer(layer, batch, index)
+            run_layer(layer, batch, index)
     finally:
         for handle in handles:
             handle.remove()
@@ -326,10 +326,10 @@ def capture_hessians(
     base_prefix, _, layers_name = prefix.rpartition(".")
     base = model.get_submodule(base_prefix)
     try:
-        _materialise(base, base_prefix, reader, device, dtype, skip=layers_name)
+        materialise(base, base_prefix, reader, device, dtype, skip=layers_name)
         reader.close()
         batches = [
-            _record_layer_inputs(base, layers, ids.to(device), mask.to(device))
+            record_layer_inputs(base, layers, ids.to(device), mask.to(device))
             for ids, mask in make_batches(samples, batch_size)
         ]
         for name, child in base.named_children():
@@ -337,11 +337,11 @@ def capture_hessians(
                 child.to("meta")
         scale = 2.0 / len(samples)
         for index, layer in enumerate(layers):
-            _materialise(layer, f"{prefix}.{index}", reader, device, dtype)
+            materialise(layer, f"{prefix}.{index}", reader, device, dtype)
             reader.close()
             grams = _layer_grams(layer, batches, index, device)
             layer.to("meta")
-            _return_freed_memory()
+            return_freed_memory()
             hessians: dict[str, torch.Tensor] = {}
             done: dict[int, torch.Tensor] = {}
             for name, gram in grams.items():

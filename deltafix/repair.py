@@ -161,7 +161,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         else:
             from deltafix.hessian_inputs import method_hessians  # imports transformers: only when needed
 
-            hessians = method_hessians(method, inputs.aligned.folder, inputs.finetuned.folder,
+            hessians = method_hessians(method, opts.params, inputs.aligned.folder, inputs.finetuned.folder,
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
                                        utility_data=opts.utility_data, device=device,
                                        cache_dir=opts.hessian_cache, no_cache=opts.no_cache)
@@ -231,7 +231,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
         copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)
         report["output"]["kind"] = "full"
-        if hessians.safety is not None:
+        if hessians.safety is not None or hessians.sequential is not None:
             report["calibration"] = hessians.summary()
         if tuning is not None:
             report["autotune"] = tuning

@@ -210,8 +210,17 @@ def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, Re
     state = None
     if method.survey is not None:
         state = method.survey((w for _, w, _ in _weights(readers, plan, device, False, hessians)), params)
-    for spec, weight, grown in tqdm(_weights(readers, plan, device, check_finite, hessians), **bar):
-        repaired = method.repair(weight, params, state)
-        tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
-        stats = _module_stats(weight, repaired) if spec.is_linear else None
-        yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
+    sequential = hessians.sequential if hessians is not None else None
+    if sequential is not None:
+        assert method.sequential is not None and state is None
+        solver = method.sequential
+        state = sequential.solve(lambda w_a, w_f, grams: solver.solve(w_a, w_f, grams, params), solver.keep(params))
+    try:
+        for spec, weight, grown in tqdm(_weights(readers, plan, device, check_finite, hessians), **bar):
+            repaired = method.repair(weight, params, state)
+            tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
+            stats = _module_stats(weight, repaired) if spec.is_linear else None
+            yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
+    finally:
+        if sequential is not None:
+            state.close()

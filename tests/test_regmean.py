@@ -8,7 +8,9 @@ from pydantic import ValidationError
 
 from deltafix.errors import OptionError
 from deltafix.methods import WeightTensors, get_method
-from deltafix.methods.regmean import RegMeanParams, regmean_merge
+from deltafix.methods.registry import ShiftedGrams
+from deltafix.methods.regmean import RegMeanParams, regmean_merge, regmean_merge_shifted
+from deltafix.sequential import SolvedWeights
 
 OUT, IN = 48, 64
 
@@ -71,11 +73,63 @@ def test_indefinite_system_is_a_clear_error(layer) -> None:
         regmean_merge(w_aligned, w_finetuned, -torch.eye(IN), torch.eye(IN), mu=0.5)
 
 
+def test_shifted_merge_with_unshifted_inputs_is_regmean(layer) -> None:
+    """When R's inputs are A's on the safety data and F's on the user data, C = G and both forms agree."""
+    w_aligned, w_finetuned, H_s, H_u = layer
+    for mu, damp in [(0.3, 0.01), (3.0, 0.0)]:
+        shifted = regmean_merge_shifted(w_aligned, w_finetuned, ShiftedGrams(H_s, H_s, H_u, H_u), mu=mu, damp=damp)
+        assert torch.allclose(shifted, regmean_merge(w_aligned, w_finetuned, H_s, H_u, mu=mu, damp=damp),
+                              rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mu", [0.5, 4.0])
+def test_shifted_merge_minimises_the_stated_objective(layer, mu: float) -> None:
+    """Least squares in float64 on stacked rows: the minimiser of
+    ‖W X_Rˢ − W_A X_Aˢ‖² + μ ‖W X_Rᵘ − W_F X_Fᵘ‖² + λ ‖W − W_A‖² (rows = tokens, 2/N-scaled)."""
+    w_aligned, w_finetuned, _, _ = layer
+    g = torch.Generator().manual_seed(1)
+    n_s, n_u, damp = 200, 300, 0.05
+    X_A = torch.randn(n_s, IN, generator=g)
+    X_Rs = X_A + 0.3 * torch.randn(n_s, IN, generator=g)
+    X_F = torch.randn(n_u, IN, generator=g) + 0.5
+    X_Ru = X_F + 0.3 * torch.randn(n_u, IN, generator=g)
+    c_s, c_u = 2 / 10, 2 / 15  # 2/N for 10 safety and 15 user samples
+    grams = ShiftedGrams(c_s * X_Rs.T @ X_Rs, c_s * X_A.T @ X_Rs, c_u * X_Ru.T @ X_Ru, c_u * X_F.T @ X_Ru)
+    merged = regmean_merge_shifted(w_aligned, w_finetuned, grams, mu=mu, damp=damp)
+    lam = damp * float(grams.safety.diagonal().mean())
+    W_A, W_F = w_aligned.double(), w_finetuned.double()
+    lhs = torch.cat([c_s**0.5 * X_Rs, (mu * c_u) ** 0.5 * X_Ru, lam**0.5 * torch.eye(IN)]).double()
+    rhs = torch.cat([c_s**0.5 * X_A.double() @ W_A.T, (mu * c_u) ** 0.5 * X_F.double() @ W_F.T, lam**0.5 * W_A.T])
+    expected = torch.linalg.lstsq(lhs, rhs).solution.T
+    assert torch.allclose(merged.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_diagonal_grams_blend_each_input_column(layer) -> None:
+    """One-hot inputs (the token embedding): 1-D Grams give the dense solve with diagonal matrices,
+    and an input that no data reaches keeps W_A even without damping."""
+    w_aligned, w_finetuned, _, _ = layer
+    g = torch.Generator().manual_seed(2)
+    counts_s, counts_u = torch.rand(IN, generator=g), torch.rand(IN, generator=g)
+    counts_s[:5] = 0.0
+    counts_u[3:8] = 0.0
+    diagonal = ShiftedGrams(counts_s, counts_s, counts_u, counts_u)
+    dense = ShiftedGrams(*(torch.diag(c) for c in (counts_s, counts_s, counts_u, counts_u)))
+    merged = regmean_merge_shifted(w_aligned, w_finetuned, diagonal, mu=2.0, damp=0.01)
+    assert torch.allclose(merged, regmean_merge_shifted(w_aligned, w_finetuned, dense, mu=2.0, damp=0.01),
+                          rtol=0, atol=1e-6)
+    undamped = regmean_merge_shifted(w_aligned, w_finetuned, diagonal, mu=2.0, damp=0.0)
+    assert torch.isfinite(undamped).all()
+    assert torch.equal(undamped[:, 3:5], w_aligned[:, 3:5])
+    assert torch.allclose(undamped[:, :3], w_finetuned[:, :3], rtol=0, atol=1e-6)
+    assert torch.allclose(undamped[:, 5:8], w_aligned[:, 5:8], rtol=0, atol=1e-6)
+
+
 def test_params() -> None:
     assert RegMeanParams().mu == 1.0
     assert RegMeanParams(mu="auto").mu == "auto"
     assert RegMeanParams().other_params == "finetuned"
-    for bad in [{"mu": 0.0}, {"mu": -1.0}, {"mu": "max"}, {"damp": -0.1}, {"other_params": "p"}]:
+    assert RegMeanParams().sequential is True
+    for bad in [{"mu": 0.0}, {"mu": -1.0}, {"mu": "max"}, {"damp": -0.1}, {"other_params": "p"}, {"sequential": "x"}]:
         with pytest.raises(ValidationError):
             RegMeanParams(**bad)
 
@@ -97,3 +151,29 @@ def test_registry_entry(layer) -> None:
 
     with pytest.raises(OptionError, match="auto"):
         method.repair(linear, RegMeanParams(mu="auto"), None)
+
+
+def test_registry_entry_reads_sequentially_solved_weights(layer) -> None:
+    """With a sequential solve as state, repair looks weights up; a Linear the solve never reached
+    (it never ran) keeps W_A, other tensors follow other_params."""
+    w_aligned, w_finetuned, H_s, H_u = layer
+    method = get_method("regmean")
+    assert method.sequential is not None and method.sequential.enabled(RegMeanParams())
+    assert not method.sequential.enabled(RegMeanParams(sequential=False))
+    solved_weight = regmean_merge_shifted(w_aligned, w_finetuned, ShiftedGrams(H_s, H_s, H_u, H_u), mu=2.0)
+    assert torch.equal(method.sequential.solve(w_aligned, w_finetuned, ShiftedGrams(H_s, H_s, H_u, H_u),
+                                               RegMeanParams(mu=2.0)), solved_weight)
+    state = SolvedWeights()
+    try:
+        state.add("layer_00000", {"up_proj.weight": solved_weight, "lm_head.weight": w_finetuned})
+        solved = WeightTensors("up_proj.weight", w_aligned, w_finetuned, is_linear=True)
+        assert torch.equal(method.repair(solved, RegMeanParams(), state).tensor, solved_weight)
+        head = WeightTensors("lm_head.weight", w_aligned, w_finetuned)
+        assert torch.equal(method.repair(head, RegMeanParams(other_params="aligned"), state).tensor, w_finetuned)
+        dead = WeightTensors("down_proj.weight", w_aligned, w_finetuned, is_linear=True)
+        assert torch.equal(method.repair(dead, RegMeanParams(), state).tensor, w_aligned)
+        norm = WeightTensors("norm.weight", w_aligned[0], w_finetuned[0])
+        assert torch.equal(method.repair(norm, RegMeanParams(), state).tensor, w_finetuned[0])
+        assert torch.equal(method.repair(norm, RegMeanParams(other_params="aligned"), state).tensor, w_aligned[0])
+    finally:
+        state.close()

@@ -58,6 +58,22 @@ class WeightTensors:
 
 
 @dataclass
+class ShiftedGrams:
+    """The Grams one weight needs when it is solved on the partially repaired model R (``sequential``).
+
+    With ``X_R`` R's inputs to the weight and ``X_A`` / ``X_F`` A's / F's own inputs (one row per
+    token, ``2/N``-scaled like the Hessians): ``safety = X_Rᵀ X_R`` and ``safety_cross = X_Aᵀ X_R``
+    on the safety data, ``utility = X_Rᵀ X_R`` and ``utility_cross = X_Fᵀ X_R`` on the user's
+    data. All are (in, in), or 1-D diagonals for one-hot inputs (the token embedding).
+    """
+
+    safety: torch.Tensor
+    safety_cross: torch.Tensor
+    utility: torch.Tensor
+    utility_cross: torch.Tensor
+
+
+@dataclass
 class Repaired:
     """A method's answer for one weight: the repaired tensor and numbers for the report."""
 
@@ -76,6 +92,21 @@ class TuneSpec:
     per_decade: int = 3
 
 
+@dataclass(frozen=True)
+class SequentialSpec:
+    """A method that can solve its weights in forward order on R's own inputs (``deltafix.sequential``).
+
+    ``enabled(params)`` says whether these parameters ask for it; ``solve(W_A, W_F, grams, params)``
+    returns one weight's repaired (out, in) fp32 tensor; ``keep(params)`` ("finetuned" or "aligned")
+    whose norms and biases the repaired model has meanwhile, as it will in the output. The solved
+    weights reach ``repair`` as its ``state`` (a ``SolvedWeights``), so ``repair`` only looks them up.
+    """
+
+    enabled: Callable[[Any], bool]
+    solve: Callable[[torch.Tensor, torch.Tensor, ShiftedGrams, Any], torch.Tensor]
+    keep: Callable[[Any], str]
+
+
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
 SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
 LoraBFn = Callable[[WeightTensors, torch.Tensor, Any, Any], torch.Tensor]
@@ -92,7 +123,7 @@ class Method:
     to ``M B`` so that a repaired adapter stays an adapter. ``elementwise(params)`` is True when,
     with these params, each output entry depends only on the same entry of the inputs and
     ``repair`` reports no stats: the pipeline may then stream any flat piece of a weight through
-    ``repair`` (see ``deltafix.stream``).
+    ``repair`` (see ``deltafix.stream``). ``sequential``: see ``SequentialSpec``.
     """
 
     name: str
@@ -106,6 +137,7 @@ class Method:
     lora_b: LoraBFn | None = None
     tune: TuneSpec | None = None
     elementwise: Callable[[Any], bool] | None = None
+    sequential: SequentialSpec | None = None
 
     @property
     def keeps_low_rank(self) -> bool:

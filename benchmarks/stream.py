@@ -79,6 +79,8 @@ def plain_copy(a: str, f: str, out: str) -> None:
 def child_main(args: list[str]) -> None:
     """Run one measured job in this (fresh) process and print its seconds and peak RSS as JSON."""
     start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = before.ru_utime + before.ru_stime
     if args[0] == "copy":
         plain_copy(*args[1:])
     else:
@@ -88,8 +90,9 @@ def child_main(args: list[str]) -> None:
                    args[3], "--out", args[4], "--out-shard-size", OUT_SHARD_BYTES, "--device", "cpu", "--json"])
         if rc:
             raise SystemExit(rc)
-    print(json.dumps({"seconds": time.perf_counter() - start,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), file=sys.stderr)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime - cpu_start,
+                      "peak_rss": usage.ru_maxrss * 1024}), file=sys.stderr)
 
 
 def measure(args: list[str], cache: Path) -> dict[str, float]:
@@ -131,6 +134,10 @@ def main() -> None:
         print(f"{size:>5g}G {n:>6} {copy['seconds']:>7.1f} {cold['seconds']:>7.1f} {cold['seconds'] / copy['seconds']:>6.2f} "
               f"{warm['seconds']:>7.1f} {warm['seconds'] / copy['seconds']:>6.2f} "
               f"{copy['peak_rss'] / 1e9:>8.2f}G {warm['peak_rss'] / 1e9:>8.2f}G")
+    print("CPU seconds (user + system, all threads; unaffected by time stolen by a hypervisor):")
+    for size, _, copy, cold, warm in rows:
+        print(f"{size:>5g}G copy {copy['cpu']:.1f}  cold {cold['cpu']:.1f} ({cold['cpu'] / copy['cpu']:.2f}x)  "
+              f"warm {warm['cpu']:.1f} ({warm['cpu'] / copy['cpu']:.2f}x)")
     if len(rows) >= 2:
         growth = rows[-1][4]["peak_rss"] / rows[0][4]["peak_rss"] - 1
         print(f"resta peak RSS growth from {rows[0][0]:g} GB to {rows[-1][0]:g} GB: {100 * growth:+.1f} %")

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from transformers import PreTrainedModel
 
-from deltafix.errors import OptionError
+from deltafix.errors import OptionError, OutputError
 from deltafix.hessians import (
     DEFAULT_BATCH_SIZE,
     LayerBatch,
@@ -65,7 +65,13 @@ class SolvedWeights:
 
     def add(self, step: str, tensors: dict[str, torch.Tensor]) -> None:
         path = Path(self._dir.name) / f"{step}.safetensors"
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(path))
+        try:
+            path.write_bytes(save({name: t.contiguous() for name, t in tensors.items()}))
+        except OSError as err:
+            raise OutputError(
+                f"cannot stage solved weights in {self._dir.name} ({err.strerror or err}); "
+                "point TMPDIR at a disk with about 4 bytes per model parameter free."
+            ) from err
         self._files.update(dict.fromkeys(tensors, path))
 
     @property

@@ -36,7 +36,7 @@ def load_recipe(path: Path) -> Recipe:
     try:
         return Recipe.model_validate(data or {})
     except ValidationError as err:
-        raise OptionError(f"recipe {path}: {_first_error(err)}.") from err
+        raise OptionError(f"recipe {path}: {_first_error(err, Recipe)}.") from err
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def method_params(method: str, recipe: dict[str, Any], overrides: dict[str, Any]
     try:
         return model.model_validate({**recipe, **overrides})
     except ValidationError as err:
-        raise OptionError(f"method {method}: {_first_error(err)}.") from err
+        raise OptionError(f"method {method}: {_first_error(err, model)}.") from err
 
 
 def recipe_yaml(method: str, params: MethodParams) -> str:
@@ -69,9 +69,10 @@ def recipe_yaml(method: str, params: MethodParams) -> str:
     )
 
 
-def _first_error(err: ValidationError) -> str:
+def _first_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """The first problem, in one phrase; an unknown key also lists the keys ``model`` takes."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "value"
     if first["type"] == "extra_forbidden":
-        return f"unknown parameter {where!r}"
+        return f"unknown parameter {where!r} (it takes: {', '.join(model.model_fields)})"
     return f"{where}: {first['msg']}"

@@ -33,7 +33,7 @@ from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, get_method
 from deltafix.plan import Plan, build_plan
-from deltafix.stream import repaired_tensors
+from deltafix.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
 
 if TYPE_CHECKING:
     from deltafix.hessian_inputs import Hessians
@@ -111,8 +111,11 @@ def output_kind(method: Method, inputs: Inputs, as_full: bool) -> str:
     return "full"
 
 
-def estimate_peak_bytes(plan: Plan, n_inputs: int) -> int:
-    """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output."""
+def estimate_peak_bytes(plan: Plan, n_inputs: int, pieces: bool = False) -> int:
+    """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output,
+    or, streamed in pieces, the largest output tensor plus the workers' piece buffers."""
+    if pieces:
+        return max((t.nbytes for t in plan.tensors), default=0) + piece_buffer_bytes(n_inputs)
     largest = max((t.nbytes // t.dtype.itemsize * 4 for t in plan.tensors), default=0)
     return largest * (n_inputs + 2)
 
@@ -148,7 +151,8 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     plan = build_plan(inputs.readers["aligned"], inputs.readers["finetuned"], inputs.readers.get("unaligned"),
                       out_dtype)
     shards = ShardPlan.build([TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors], opts.shard_size)
-    result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers)),
+    pieces = streams_in_pieces(method, opts.params, inputs.readers)
+    result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers), pieces),
                           output_kind=output_kind(method, inputs, opts.as_full))
     if opts.dry_run:
         return result

@@ -181,6 +181,11 @@ def piece_workers() -> int:
     return max(1, min(MAX_PIECE_WORKERS, cores))
 
 
+def piece_buffer_bytes(n_inputs: int) -> int:
+    """Host bytes of every worker's piece buffers: raw (at most 4 bytes) + fp32 per input, one diff."""
+    return piece_workers() * CPU_PIECE * (8 * n_inputs + 4)
+
+
 def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, Reader]) -> bool:
     """Elementwise for these params, and every input a plain checkpoint (an adapter overlay
     materialises each merged weight anyway)."""

@@ -102,3 +102,19 @@ def test_read_flat_reads_any_range_and_rejects_a_wrong_buffer(tmp_path: Path) ->
         reader.read_flat(LINEAR, whole.numel() - 10, out)
     with pytest.raises(ValueError):
         reader.read_flat(LINEAR, 0, torch.empty(11))
+
+
+def test_dry_run_estimates_the_piece_stream_by_its_buffers(tmp_path: Path) -> None:
+    from deltafix.repair import RepairOptions, run_repair
+
+    checkpoints(tmp_path)
+
+    def estimate(params: RestaParams) -> int:
+        opts = RepairOptions(base=str(tmp_path / "A"), finetuned=str(tmp_path / "F"), unaligned=str(tmp_path / "P"),
+                             out=tmp_path / "R", method="resta", params=params, dry_run=True, progress=False)
+        return run_repair(opts).peak_estimate_bytes
+
+    largest_fp32 = (VOCAB + GROWN) * HIDDEN * 4  # F's embedding, the largest tensor (fp32 output)
+    assert estimate(RestaParams(scale=0.5)) == largest_fp32 + stream.piece_buffer_bytes(3)
+    assert estimate(RestaParams(scale=0.5, dare=0.3)) == largest_fp32 * (3 + 2)
+    assert not (tmp_path / "R").exists()

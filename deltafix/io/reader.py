@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Callable
 
 import torch
 
@@ -226,12 +226,13 @@ class CheckpointReader:
                 self._open_file = info.file
             handle = self._handle
         try:
+            position = info.data_start + offset
             if hasattr(os, "preadv"):
-                read = _pread_into(handle.fileno(), buffer, info.data_start + offset)
+                read = _fill(buffer, lambda view, done: os.preadv(handle.fileno(), [view], position + done))
             else:  # no pread (Windows): seek and read while holding the lock
                 with self._lock:
-                    handle.seek(info.data_start + offset)
-                    read = _read_fully(handle, buffer)
+                    handle.seek(position)
+                    read = _fill(buffer, lambda view, _done: handle.readinto(view))
         except OSError as err:
             raise InputError(f"cannot read {info.name!r} from {info.file}: {err.strerror or err}.") from err
         if read != len(buffer):
@@ -247,23 +248,13 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _pread_into(fd: int, buffer: memoryview, position: int) -> int:
-    """Fill ``buffer`` from ``position`` (until EOF); returns the bytes read. Loops because one
-    call returns at most ~2 GB on Linux, and a large embedding can exceed that."""
+def _fill(buffer: memoryview, read: Callable[[memoryview, int], int | None]) -> int:
+    """Call ``read(rest of buffer, bytes done)`` until ``buffer`` is full or it returns nothing (EOF);
+    returns the bytes read. One call may return less: pread stops at ~2 GB on Linux, and a large
+    embedding can exceed that."""
     done = 0
     while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], position + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-def _read_fully(handle: BinaryIO, buffer: memoryview) -> int:
-    """``readinto`` until ``buffer`` is full or EOF (an unbuffered read may return less)."""
-    done = 0
-    while done < len(buffer):
-        n = handle.readinto(buffer[done:])
+        n = read(buffer[done:], done)
         if not n:
             break
         done += n

@@ -113,9 +113,10 @@ def output_kind(method: Method, inputs: Inputs, as_full: bool) -> str:
 
 def estimate_peak_bytes(plan: Plan, n_inputs: int, pieces: bool = False) -> int:
     """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output,
-    or, streamed in pieces, the largest output tensor plus the workers' piece buffers."""
+    or, streamed in pieces, two output tensors (one being written while the next is computed) plus
+    the workers' piece buffers."""
     if pieces:
-        return max((t.nbytes for t in plan.tensors), default=0) + piece_buffer_bytes(n_inputs)
+        return 2 * max((t.nbytes for t in plan.tensors), default=0) + piece_buffer_bytes(n_inputs)
     largest = max((t.nbytes // t.dtype.itemsize * 4 for t in plan.tensors), default=0)
     return largest * (n_inputs + 2)
 

@@ -2,19 +2,22 @@
 handed on in the output dtype. Writing to disk and in-memory auto-tuning both consume it.
 
 Most methods see each weight whole, in fp32 on the compute device. Elementwise methods (RESTA
-without DARE) are streamed instead in pieces of ``CPU_PIECE`` elements through reused buffers:
-converting three bf16 inputs to fp32, combining them and converting back touches main memory about
-ten times per element when done on whole tensors, and every fresh multi-MB allocation page-faults
-on first touch. A 1 MB piece stays in cache through the whole chain, which is what lets a streaming
-repair cost about as much as a plain copy (DESIGN §7). The result is bit-identical either way.
+without DARE) are streamed instead in pieces of ``CPU_PIECE`` elements, converted straight from
+memory-mapped input files into reused buffers: converting three bf16 inputs to fp32, combining
+them and converting back touches main memory about ten times per element when done on whole
+tensors, and every fresh multi-MB allocation page-faults on first touch. A 1 MB piece stays in
+cache through the whole chain, which is what lets a streaming repair cost about as much as a plain
+copy (DESIGN §7). The result is bit-identical either way.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 
 import torch
 from tqdm import tqdm
@@ -37,6 +40,9 @@ CPU_PIECE = 1 << 18
 """Elements per piece on CPU: 1 MB of fp32 per input, measured fastest (2^16 and 2^20 were slower)."""
 DEVICE_PIECE = 1 << 24
 """Elements per piece on an accelerator, where kernel launches, not cache, set the piece size."""
+WINDOW_PIECES = 4
+"""Pieces per worker job. Small jobs keep the workers evenly loaded to the end of each weight and
+bound the mapped input pages counted in RSS."""
 MAX_PIECE_WORKERS = 4
 """Beyond a few threads the pieces are bound by memory bandwidth, not cores."""
 
@@ -94,85 +100,125 @@ def _module_stats(weight: WeightTensors, repaired: Repaired) -> Stats:
 
 
 class _PieceBuffers:
-    """One worker's reused buffers: a raw one per (input, stored dtype), an fp32 one per input."""
+    """One worker's reused fp32 buffers, one per input: where each piece is converted to."""
 
     def __init__(self, roles: Iterable[str], piece: int, device: torch.device) -> None:
-        self.piece = piece
-        self.raw: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.fp32 = {role: torch.empty(piece, device=device) for role in roles}
-        self.diff = torch.empty(piece, device=device)
 
-    def read(self, reader: CheckpointReader, role: str, name: str, start: int, n: int) -> torch.Tensor:
-        dtype = reader.info(name).dtype
-        raw = self.raw.get((role, dtype))
-        if raw is None:
-            raw = self.raw[role, dtype] = torch.empty(self.piece, dtype=dtype)
-        return self.fp32[role][:n].copy_(reader.read_flat(name, start, raw[:n]))
-
-    def sq_norm(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return torch.linalg.vector_norm(torch.sub(x, y, out=self.diff[:x.numel()])).item() ** 2
+    def load(self, role: str, source: torch.Tensor) -> torch.Tensor:
+        return self.fp32[role][:source.numel()].copy_(source)
 
 
 class PieceStream:
-    """Streams one weight at a time through an elementwise method in pieces (see module doc).
+    """Streams weights through an elementwise method in pieces (see module doc).
 
-    Each weight's pieces are split into contiguous spans, one per worker thread (torch and the
-    reads release the GIL); every worker reuses its own buffers, so only the output tensor is
-    allocated per weight.
+    A weight is cut into windows of ``WINDOW_PIECES`` pieces, each a job for the worker threads
+    (torch releases the GIL): a job maps its window of every input file, converts piece by piece
+    into the worker's own fp32 buffers and writes the result into the weight's output tensor, the
+    only allocation per weight. ``start`` queues a weight and returns at once, so the workers
+    compute the next weight while the caller writes the previous one to disk.
     """
 
-    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device, pool: ThreadPoolExecutor,
-                 workers: int) -> None:
+    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device, pool: ThreadPoolExecutor) -> None:
         self.readers = readers
+        self.device = device
         self.piece = CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
         self.pool = pool
-        self.buffers = [_PieceBuffers(readers, self.piece, device) for _ in range(workers)]
+        self._local = threading.local()
 
-    def repair(self, method: Method, params: MethodParams, spec: PlannedTensor,
-               check_finite: bool) -> tuple[torch.Tensor, Stats | None]:
-        """The repaired tensor (CPU, output dtype) and, for decoder Linears, its delta norms."""
+    def start(self, method: Method, params: MethodParams, spec: PlannedTensor,
+              check_finite: bool) -> Callable[[], tuple[torch.Tensor, Stats | None]]:
+        """Queue one weight; the returned call waits for it and gives the repaired tensor (CPU,
+        output dtype) and, for decoder Linears, its delta norms."""
         out = torch.empty(spec.shape, dtype=spec.dtype)
-        starts = list(range(0, out.numel(), self.piece))
-        per_worker = -(-len(starts) // len(self.buffers)) or 1
-        spans = [starts[i:i + per_worker] for i in range(0, len(starts), per_worker)]
-        jobs = [self.pool.submit(self._span, buffers, span, out.view(-1), method, params, spec, check_finite)
-                for buffers, span in zip(self.buffers, spans)]
-        norms = [job.result() for job in jobs]
-        if not spec.is_linear:
-            return out, None
-        return out, {"delta_norm_before": math.sqrt(sum(b for b, _ in norms)),
-                     "delta_norm_after": math.sqrt(sum(a for _, a in norms))}
+        flat = out.view(-1)
+        window = self.piece * WINDOW_PIECES
+        jobs = [self.pool.submit(self._window, start, min(start + window, flat.numel()), flat, method, params, spec,
+                                 check_finite) for start in range(0, flat.numel(), window)]
 
-    def _span(self, buf: _PieceBuffers, starts: list[int], flat: torch.Tensor, method: Method,
-              params: MethodParams, spec: PlannedTensor, check_finite: bool) -> tuple[float, float]:
-        """Repair the pieces at ``starts`` into ``flat``; squared delta norms before/after."""
-        kept = self.readers["aligned"].info(spec.aligned_name).numel
-        unaligned = spec.unaligned_name if "unaligned" in self.readers else None
+        def result() -> tuple[torch.Tensor, Stats | None]:
+            norms = [job.result() for job in jobs]
+            if not spec.is_linear:
+                return out, None
+            return out, {"delta_norm_before": math.sqrt(sum(b for b, _ in norms)),
+                         "delta_norm_after": math.sqrt(sum(a for _, a in norms))}
+        return result
+
+    def _buffers(self) -> _PieceBuffers:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = _PieceBuffers(self.readers, self.piece, self.device)
+        return buffers
+
+    def _window(self, start: int, stop: int, flat: torch.Tensor, method: Method, params: MethodParams,
+                spec: PlannedTensor, check_finite: bool) -> tuple[float, float]:
+        """Repair elements ``start .. stop`` into ``flat``; squared delta norms before/after.
+
+        A decoder Linear's finite check rides on its ``‖F − A‖`` (NaN and Inf propagate into it);
+        the exact check runs only when that norm is not finite.
+        """
+        buf = self._buffers()
+        kept = min(stop, self.readers["aligned"].info(spec.aligned_name).numel)
+        names = {"aligned": spec.aligned_name,
+                 "unaligned": spec.unaligned_name if "unaligned" in self.readers else None}
+        finetuned = self.readers["finetuned"].mapped(spec.name, start, stop - start)
+        inputs = {role: self.readers[role].mapped(name, start, kept - start)
+                  for role, name in names.items() if name and kept > start}
         before = after = 0.0
-        for start in starts:
-            n = min(self.piece, flat.numel() - start)
-            finetuned = buf.read(self.readers["finetuned"], "finetuned", spec.name, start, n)
-            if check_finite and not all_finite(finetuned):
+        for lo in range(start, stop, self.piece):
+            hi = min(lo + self.piece, stop)
+            f = buf.load("finetuned", finetuned[lo - start:hi - start])
+            if check_finite and not spec.is_linear and not all_finite(f):
                 raise _nonfinite(spec.name)
-            if start >= kept:  # F's extra vocabulary rows: copied as they are
-                flat[start:start + n].copy_(finetuned)
-                continue
-            n_kept = min(n, kept - start)
-            weight = WeightTensors(
-                name=spec.name,
-                aligned=buf.read(self.readers["aligned"], "aligned", spec.aligned_name, start, n_kept),
-                finetuned=finetuned[:n_kept],
-                unaligned=(buf.read(self.readers["unaligned"], "unaligned", unaligned, start, n_kept)
-                           if unaligned else None),
-                is_linear=spec.is_linear,
-            )
-            result = method.repair(weight, params, None).tensor
-            if spec.is_linear:
-                before += buf.sq_norm(weight.finetuned, weight.aligned)
-                after += buf.sq_norm(result, weight.aligned)
-            flat[start:start + n_kept].copy_(result)
-            flat[start + n_kept:start + n].copy_(finetuned[n_kept:])
+            n_kept = max(0, min(hi, kept) - lo)  # beyond: F's extra vocabulary rows, copied as they are
+            if n_kept:
+                weight = WeightTensors(
+                    name=spec.name,
+                    aligned=buf.load("aligned", inputs["aligned"][lo - start:lo - start + n_kept]),
+                    finetuned=f[:n_kept],
+                    unaligned=(buf.load("unaligned", inputs["unaligned"][lo - start:lo - start + n_kept])
+                               if "unaligned" in inputs else None),
+                    is_linear=spec.is_linear,
+                )
+                if spec.is_linear:
+                    moved = torch.dist(weight.finetuned, weight.aligned).item() ** 2
+                    if check_finite and not math.isfinite(moved) and not torch.isfinite(f).all():
+                        raise _nonfinite(spec.name)
+                    before += moved
+                result = method.repair(weight, params, None).tensor
+                if spec.is_linear:
+                    after += torch.dist(result, weight.aligned).item() ** 2
+                flat[lo:lo + n_kept].copy_(result)
+            flat[lo + n_kept:hi].copy_(f[n_kept:])
         return before, after
+
+
+def _piece_stream(method: Method, params: MethodParams, readers: dict[str, CheckpointReader], plan: Plan,
+                  device: torch.device, check_finite: bool, bar: dict[str, Any]
+                  ) -> Iterator[tuple[PlannedTensor, torch.Tensor, Stats | None]]:
+    """``repaired_tensors`` for elementwise methods: one weight in flight on the workers while the
+    caller consumes the one before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a piece is too small to split: threads work on separate windows instead
+    pool = ThreadPoolExecutor(piece_workers() if device.type == "cpu" else 1, thread_name_prefix="deltafix-piece")
+    try:
+        pieces = PieceStream(readers, device, pool)
+        specs = iter(plan.tensors)
+
+        def start_next() -> list[tuple[PlannedTensor, Callable[[], tuple[torch.Tensor, Stats | None]]]]:
+            return [(spec, pieces.start(method, params, spec, check_finite)) for spec in itertools.islice(specs, 1)]
+
+        progress = tqdm(**bar)
+        ahead = start_next()
+        while ahead:
+            ahead += start_next()  # the workers compute the next weight while this one is consumed
+            spec, result = ahead.pop(0)
+            yield spec, *result()
+            progress.update()
+        progress.close()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def piece_workers() -> int:
@@ -182,8 +228,9 @@ def piece_workers() -> int:
 
 
 def piece_buffer_bytes(n_inputs: int) -> int:
-    """Host bytes of every worker's piece buffers: raw (at most 4 bytes) + fp32 per input, one diff."""
-    return piece_workers() * CPU_PIECE * (8 * n_inputs + 4)
+    """Host bytes the workers hold: an fp32 piece buffer per input, plus the mapped window of each
+    input (at most 4 bytes an element) counted in RSS while a job runs."""
+    return piece_workers() * CPU_PIECE * n_inputs * 4 * (1 + WINDOW_PIECES)
 
 
 def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, Reader]) -> bool:
@@ -201,16 +248,7 @@ def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, Re
     bar = dict(total=len(plan.tensors), desc=f"repair ({method.name})", unit="tensor",
                disable=None if progress else True)
     if streams_in_pieces(method, params, readers):
-        workers = piece_workers() if device.type == "cpu" else 1
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a piece is too small to split: threads work on separate pieces instead
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="deltafix-piece") as pool:
-                pieces = PieceStream(readers, device, pool, workers)  # type: ignore[arg-type]
-                for spec in tqdm(plan.tensors, **bar):
-                    yield spec, *pieces.repair(method, params, spec, check_finite)
-        finally:
-            torch.set_num_threads(threads)
+        yield from _piece_stream(method, params, readers, plan, device, check_finite, bar)  # type: ignore[arg-type]
         return
     state = None
     if method.survey is not None:

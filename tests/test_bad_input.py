@@ -140,6 +140,12 @@ class _FullDisk:
         self._budget -= size
         return self._fh.write(data)
 
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
     def close(self) -> None:
         self._fh.close()
 

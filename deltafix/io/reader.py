@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -199,25 +201,38 @@ class CheckpointReader:
         self._read_into(info, 0, memoryview(buffer))
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
-    def read_flat(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (1-D, contiguous, the stored dtype) with the flattened tensor's elements
-        ``start .. start + len(out)`` and return it.
+    def mapped(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``start .. start + count`` of the flattened tensor as a read-only view of the
+        file, through a memory map of just that range; it is unmapped when the view is freed.
 
-        Elementwise methods stream a tensor through small reused buffers this way instead of
-        materialising it: no page faults on fresh memory, and the piece stays in cache.
+        Elementwise methods convert pieces straight from the page cache this way, skipping the
+        copy a read into a buffer costs (about a third of a streaming repair's reading time).
+        Mapping a window, not the tensor, keeps the pages counted in this process's RSS bounded.
+        Offsets were validated against the file size with the header; a file truncated while it
+        is being read would end the process with SIGBUS, as with any memory-mapped loader.
         """
         info = self.tensors[name]
-        if out.dtype != info.dtype or out.dim() != 1 or not out.is_contiguous() or start + out.numel() > info.numel:
-            raise ValueError(f"read_flat({name!r}): out must be 1-D {info.dtype} inside the tensor")
-        if out.numel():
-            self._read_into(info, start * out.element_size(), memoryview(out.view(torch.uint8).numpy()))
-        return out
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise ValueError(f"mapped({name!r}): elements {start}..{start + count} lie outside the tensor")
+        if not count:
+            return torch.empty(0, dtype=info.dtype)
+        first = info.data_start + start * info.dtype.itemsize
+        aligned = first - first % mmap.ALLOCATIONGRANULARITY
+        try:
+            with info.file.open("rb") as fh:
+                region = mmap.mmap(fh.fileno(), first - aligned + count * info.dtype.itemsize,
+                                   access=mmap.ACCESS_READ, offset=aligned)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot map {info.name!r} from {info.file}: {err}.") from err
+        with warnings.catch_warnings():  # torch warns that the map is read-only; nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(region, dtype=info.dtype, offset=first - aligned, count=count)
 
     def _read_into(self, info: TensorInfo, offset: int, buffer: memoryview) -> None:
         """Positioned read of ``len(buffer)`` bytes at ``offset`` into the tensor's data.
 
-        ``pread`` moves no shared file offset, so threads may read pieces of the same shard at
-        once; only switching shards takes the lock.
+        ``pread`` moves no shared file offset, so threads may read from the same shard at once;
+        only switching shards takes the lock.
         """
         with self._lock:
             if self._open_file != info.file:

@@ -56,7 +56,7 @@ def test_pieces_equal_the_whole_tensor_formula_bit_for_bit(tmp_path: Path, monke
         p = readers["unaligned"].get(name).float()
         kept = a.shape[0]
         expected = f.clone()
-        expected[:kept] = (a - p).mul_(0.5).add_(f[:kept])
+        expected[:kept] = torch.add(f[:kept], a - p, alpha=0.5)
         assert tensor.dtype == (dtype or torch.float32)
         assert torch.equal(tensor, expected.to(tensor.dtype)), name
         if name == LINEAR:

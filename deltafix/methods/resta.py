@@ -46,13 +46,14 @@ def resta(
     """RESTA on one tensor; all inputs the same shape, fp32.
 
     ``scale = 0`` without DARE returns ``finetuned`` itself: adding ``0 · V`` would turn ``-0.0``
-    entries into ``+0.0``, and the no-op setting must reproduce F bit for bit.
+    entries into ``+0.0``, and the no-op setting must reproduce F bit for bit. Without DARE,
+    ``θ_F + b V`` is one fused multiply-add (``alpha``): one rounding, one pass over memory.
     """
     if dare_p == 0.0 and scale == 0.0:
         return finetuned
     alignment = aligned - unaligned
     if dare_p == 0.0:
-        return alignment.mul_(scale).add_(finetuned)
+        return torch.add(finetuned, alignment, alpha=scale, out=alignment)
     if generator is None:
         raise ValueError("DARE needs a generator")
     return aligned + dare(finetuned - aligned, dare_p, generator) + scale * alignment

@@ -39,3 +39,13 @@ def test_other_files_and_links_are_hashed(tmp_path: Path) -> None:
     for path in (plain, link):
         assert hub_blob_sha256(path) is None
         assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_longer_than_one_chunk_hashes_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltafix.io import hashing
+
+    monkeypatch.setattr(hashing, "CHUNK", 1000)
+    data = os.urandom(4500)  # four full chunks and a short last one
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()

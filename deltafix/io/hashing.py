@@ -35,11 +35,13 @@ def _memo_key(path: Path) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 16 MiB chunks (no memo)."""
+    """Hex sha256 of a file's bytes (no memo), read in 16 MiB chunks into one reused buffer: a
+    fresh buffer per chunk would page-fault on every read."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(CHUNK))
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(buffer[:n])
     return digest.hexdigest()
 
 

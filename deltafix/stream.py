@@ -40,9 +40,11 @@ CPU_PIECE = 1 << 18
 """Elements per piece on CPU: 1 MB of fp32 per input, measured fastest (2^16 and 2^20 were slower)."""
 DEVICE_PIECE = 1 << 24
 """Elements per piece on an accelerator, where kernel launches, not cache, set the piece size."""
-WINDOW_PIECES = 4
-"""Pieces per worker job. Small jobs keep the workers evenly loaded to the end of each weight and
-bound the mapped input pages counted in RSS."""
+MAX_WINDOW_PIECES = 64
+"""Most pieces in one worker job (16 M elements on CPU). A weight is split into one job per worker
+or more, so the workers share it evenly; each job maps its window of every input once. Fewer,
+larger windows mean fewer unmaps, each of which interrupts every core running this process (a
+TLB shootdown, dear on a VM); the cap bounds the mapped input pages counted in RSS."""
 MAX_PIECE_WORKERS = 4
 """Beyond a few threads the pieces are bound by memory bandwidth, not cores."""
 
@@ -112,18 +114,20 @@ class _PieceBuffers:
 class PieceStream:
     """Streams weights through an elementwise method in pieces (see module doc).
 
-    A weight is cut into windows of ``WINDOW_PIECES`` pieces, each a job for the worker threads
+    A weight is cut into windows of whole pieces, each a job for the worker threads
     (torch releases the GIL): a job maps its window of every input file, converts piece by piece
     into the worker's own fp32 buffers and writes the result into the weight's output tensor, the
     only allocation per weight. ``start`` queues a weight and returns at once, so the workers
     compute the next weight while the caller writes the previous one to disk.
     """
 
-    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, readers: dict[str, CheckpointReader], device: torch.device, pool: ThreadPoolExecutor,
+                 workers: int) -> None:
         self.readers = readers
         self.device = device
         self.piece = CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
         self.pool = pool
+        self.workers = workers
         self._local = threading.local()
 
     def start(self, method: Method, params: MethodParams, spec: PlannedTensor,
@@ -132,7 +136,8 @@ class PieceStream:
         output dtype) and, for decoder Linears, its delta norms."""
         out = torch.empty(spec.shape, dtype=spec.dtype)
         flat = out.view(-1)
-        window = self.piece * WINDOW_PIECES
+        jobs = max(self.workers, -(-flat.numel() // (self.piece * MAX_WINDOW_PIECES)))
+        window = -(-flat.numel() // (jobs * self.piece)) * self.piece or self.piece
         jobs = [self.pool.submit(self._window, start, min(start + window, flat.numel()), flat, method, params, spec,
                                  check_finite) for start in range(0, flat.numel(), window)]
 
@@ -200,9 +205,10 @@ def _piece_stream(method: Method, params: MethodParams, readers: dict[str, Check
     caller consumes the one before."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a piece is too small to split: threads work on separate windows instead
-    pool = ThreadPoolExecutor(piece_workers() if device.type == "cpu" else 1, thread_name_prefix="deltafix-piece")
+    workers = piece_workers() if device.type == "cpu" else 1
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="deltafix-piece")
     try:
-        pieces = PieceStream(readers, device, pool)
+        pieces = PieceStream(readers, device, pool, workers)
         specs = iter(plan.tensors)
 
         def start_next() -> list[tuple[PlannedTensor, Callable[[], tuple[torch.Tensor, Stats | None]]]]:
@@ -230,7 +236,7 @@ def piece_workers() -> int:
 def piece_buffer_bytes(n_inputs: int) -> int:
     """Host bytes the workers hold: an fp32 piece buffer per input, plus the mapped window of each
     input (at most 4 bytes an element) counted in RSS while a job runs."""
-    return piece_workers() * CPU_PIECE * n_inputs * 4 * (1 + WINDOW_PIECES)
+    return piece_workers() * CPU_PIECE * n_inputs * 4 * (1 + MAX_WINDOW_PIECES)
 
 
 def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, Reader]) -> bool:

@@ -2,8 +2,9 @@
 
 Names, shapes and dtypes come from the safetensors headers alone, so planning and validation
 never load tensor data. Data is read one tensor at a time with positioned reads at the offsets
-the header gives; at most one shard per checkpoint is open at any moment, which keeps host memory
-flat however large the model is.
+the header gives, or, for piece streaming, through short-lived memory maps of a window of one
+tensor; at most one shard per checkpoint is open for reading at any moment, which keeps host
+memory flat however large the model is.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ class CheckpointReader:
         file, through a memory map of just that range; it is unmapped when the view is freed.
 
         Elementwise methods convert pieces straight from the page cache this way, skipping the
-        copy a read into a buffer costs (about a third of a streaming repair's reading time).
+        copy into a buffer that a read costs (bf16 to fp32 from a map: 0.55 ns an element; read
+        into a buffer, then converted: 0.95 ns).
         Mapping a window, not the tensor, keeps the pages counted in this process's RSS bounded.
         Offsets were validated against the file size with the header; a file truncated while it
         is being read would end the process with SIGBUS, as with any memory-mapped loader.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def test_other_files_and_links_are_hashed(tmp_path: Path) -> None:
 def test_a_file_longer_than_one_chunk_hashes_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from deltafix.io import hashing
 
-    monkeypatch.setattr(hashing, "CHUNK", 1000)
-    data = os.urandom(4500)  # four full chunks and a short last one
+    monkeypatch.setattr(hashing, "CHUNK", mmap.ALLOCATIONGRANULARITY)
+    data = os.urandom(4 * mmap.ALLOCATIONGRANULARITY + 500)  # four full chunks and a short last one
     path = tmp_path / "model.safetensors"
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    path.write_bytes(b"")
+    assert sha256_file(path) == hashlib.sha256(b"").hexdigest()

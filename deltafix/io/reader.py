@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import struct
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -125,7 +122,6 @@ class CheckpointReader:
         self._check_index()
         self._open_file: Path | None = None
         self._handle = None
-        self._lock = threading.Lock()
 
     def _shard_files(self, allow_pickle: bool) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -198,8 +194,18 @@ class CheckpointReader:
         info = self.tensors[name]
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
+        if self._open_file != info.file:
+            self.close()
+            self._handle = info.file.open("rb")
+            self._open_file = info.file
         buffer = bytearray(info.nbytes)
-        self._read_into(info, 0, memoryview(buffer))
+        try:
+            self._handle.seek(info.data_start)
+            read = self._handle.readinto(buffer)  # a buffered file reads until full or EOF
+        except OSError as err:
+            raise InputError(f"cannot read {name!r} from {info.file}: {err.strerror or err}.") from err
+        if read != info.nbytes:
+            raise InputError(f"{info.file} is truncated (tensor {name!r}); re-download it.")
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
     def mapped(self, name: str, start: int, count: int) -> torch.Tensor:
@@ -230,31 +236,6 @@ class CheckpointReader:
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(region, dtype=info.dtype, offset=first - aligned, count=count)
 
-    def _read_into(self, info: TensorInfo, offset: int, buffer: memoryview) -> None:
-        """Positioned read of ``len(buffer)`` bytes at ``offset`` into the tensor's data.
-
-        ``pread`` moves no shared file offset, so threads may read from the same shard at once;
-        only switching shards takes the lock.
-        """
-        with self._lock:
-            if self._open_file != info.file:
-                self.close()
-                self._handle = info.file.open("rb", buffering=0)
-                self._open_file = info.file
-            handle = self._handle
-        try:
-            position = info.data_start + offset
-            if hasattr(os, "preadv"):
-                read = _fill(buffer, lambda view, done: os.preadv(handle.fileno(), [view], position + done))
-            else:  # no pread (Windows): seek and read while holding the lock
-                with self._lock:
-                    handle.seek(position)
-                    read = _fill(buffer, lambda view, _done: handle.readinto(view))
-        except OSError as err:
-            raise InputError(f"cannot read {info.name!r} from {info.file}: {err.strerror or err}.") from err
-        if read != len(buffer):
-            raise InputError(f"{info.file} is truncated (tensor {info.name!r}); re-download it.")
-
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
@@ -264,15 +245,3 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-
-def _fill(buffer: memoryview, read: Callable[[memoryview, int], int | None]) -> int:
-    """Call ``read(rest of buffer, bytes done)`` until ``buffer`` is full or it returns nothing (EOF);
-    returns the bytes read. One call may return less: pread stops at ~2 GB on Linux, and a large
-    embedding can exceed that."""
-    done = 0
-    while done < len(buffer):
-        n = read(buffer[done:], done)
-        if not n:
-            break
-        done += n
-    return done

@@ -91,19 +91,19 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
             "fine-tuned on: pass --utility-data FILE (JSONL with prompt/response or messages)."
         )
     safety_set = load_calibration(safety_data, _tokenizer(aligned))
-    adapter = isinstance(finetuned_reader, AdapterCheckpoint)
-    if method.sequential is not None and method.sequential.enabled(params):
-        assert utility_data is not None
+    user_set = None
+    if method.needs_utility:
+        assert utility_data is not None  # refused above
         user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
-        return Hessians(sequential=SequentialInputs(aligned, aligned if adapter else finetuned,
-                                                    finetuned_reader if adapter else None, safety_set, user_set,
-                                                    device))
+    # F as a model: its own folder, or A's with the adapter merged on the fly.
+    adapter = finetuned_reader if isinstance(finetuned_reader, AdapterCheckpoint) else None
+    finetuned_model = aligned if adapter is not None else finetuned
+    if method.sequential is not None and method.sequential.enabled(params):
+        assert user_set is not None
+        return Hessians(sequential=SequentialInputs(aligned, finetuned_model, adapter, safety_set, user_set, device))
     hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
                                             device=device))
-    if method.needs_utility:
-        assert utility_data is not None
-        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
-        hessians.utility = hessians_for(aligned if adapter else finetuned, user_set, cache_dir=cache_dir,
-                                        no_cache=no_cache, device=device,
-                                        source=finetuned_reader if adapter else None)
+    if user_set is not None:
+        hessians.utility = hessians_for(finetuned_model, user_set, cache_dir=cache_dir, no_cache=no_cache,
+                                        device=device, source=adapter)
     return hessians

@@ -24,3 +24,8 @@ def hessian_cache_dir() -> Path:
 def kernel_cache_dir() -> Path:
     """``<cache root>/cuda_ext``: built CUDA extensions, one folder per build key."""
     return cache_root() / "cuda_ext"
+
+
+def cpu_kernel_cache_dir() -> Path:
+    """``<cache root>/cpu_ext``: the built CPU kernel library, one folder per build key."""
+    return cache_root() / "cpu_ext"

@@ -6,8 +6,10 @@ without DARE) are streamed instead in pieces of ``CPU_PIECE`` elements, converte
 memory-mapped input files into reused buffers: converting three bf16 inputs to fp32, combining
 them and converting back touches main memory about ten times per element when done on whole
 tensors, and every fresh multi-MB allocation page-faults on first touch. A 1 MB piece stays in
-cache through the whole chain, which is what lets a streaming repair cost about as much as a plain
-copy (DESIGN §7). The result is bit-identical either way.
+cache through the whole chain. Faster still, a method's fused CPU kernel (``Method.fused``; RESTA
+has one) takes a worker's whole window of the mapped inputs in one pass, which is what lets a
+streaming repair cost about as much as a plain copy (DESIGN §7). The result is bit-identical
+every way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from deltafix.errors import InputError
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method, MethodParams, Repaired, WeightTensors
+from deltafix.methods.registry import FusedFn
 from deltafix.methods.stats import delta_norms
 from deltafix.plan import Plan, PlannedTensor
 
@@ -138,8 +141,9 @@ class PieceStream:
         flat = out.view(-1)
         n_jobs = max(self.workers, -(-flat.numel() // (self.piece * MAX_WINDOW_PIECES)))
         window = -(-flat.numel() // (n_jobs * self.piece)) * self.piece or self.piece
+        fused = method.fused(params) if method.fused is not None and self.device.type == "cpu" else None
         jobs = [self.pool.submit(self._window, start, min(start + window, flat.numel()), flat, method, params, spec,
-                                 check_finite) for start in range(0, flat.numel(), window)]
+                                 check_finite, fused) for start in range(0, flat.numel(), window)]
 
         def result() -> tuple[torch.Tensor, Stats | None]:
             norms = [job.result() for job in jobs]
@@ -156,19 +160,35 @@ class PieceStream:
         return buffers
 
     def _window(self, start: int, stop: int, flat: torch.Tensor, method: Method, params: MethodParams,
-                spec: PlannedTensor, check_finite: bool) -> tuple[float, float]:
+                spec: PlannedTensor, check_finite: bool, fused: FusedFn | None) -> tuple[float, float]:
         """Repair elements ``start .. stop`` into ``flat``; squared delta norms before/after.
 
         A decoder Linear's finite check rides on its ``‖F − A‖`` (NaN and Inf propagate into it);
-        the exact check runs only when that norm is not finite.
+        the exact check runs only when that norm is not finite. The method's fused kernel, when it
+        takes these inputs, does the whole window in one pass; else it goes piece by piece.
         """
-        buf = self._buffers()
         kept = min(stop, self.readers["aligned"].info(spec.aligned_name).numel)
         names = {"aligned": spec.aligned_name,
                  "unaligned": spec.unaligned_name if "unaligned" in self.readers else None}
         finetuned = self.readers["finetuned"].mapped(spec.name, start, stop - start)
         inputs = {role: self.readers[role].mapped(name, start, kept - start)
                   for role, name in names.items() if name and kept > start}
+        if fused is not None and kept > start:
+            norms = fused(finetuned[:kept - start], inputs["aligned"], inputs.get("unaligned"), flat[start:kept])
+            if norms is not None:
+                grown = finetuned[kept - start:]  # F's extra vocabulary rows, copied as they are
+                if check_finite and (not math.isfinite(norms[0]) and not torch.isfinite(finetuned).all()
+                                     or grown.numel() and not all_finite(grown)):
+                    raise _nonfinite(spec.name)
+                flat[kept:stop].copy_(grown)
+                return norms
+        return self._pieces(start, stop, kept, flat, finetuned, inputs, method, params, spec, check_finite)
+
+    def _pieces(self, start: int, stop: int, kept: int, flat: torch.Tensor, finetuned: torch.Tensor,
+                inputs: dict[str, torch.Tensor], method: Method, params: MethodParams, spec: PlannedTensor,
+                check_finite: bool) -> tuple[float, float]:
+        """``_window`` through ``method.repair``, one piece at a time in the worker's fp32 buffers."""
+        buf = self._buffers()
         before = after = 0.0
         for lo in range(start, stop, self.piece):
             hi = min(lo + self.piece, stop)

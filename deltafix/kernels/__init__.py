@@ -2,14 +2,16 @@
 
 The torch functions in ``safedelta_ref`` are the specification. Each call here picks the CUDA
 extension (``csrc/``, built on first use by ``build``) for CUDA tensors it can take, and the
-reference otherwise; CPU tensors always use the reference. ``DELTAFIX_KERNELS`` sets the choice:
+reference otherwise; Safe Delta on CPU tensors always uses the reference. RESTA's streaming step
+has a CPU kernel (``cpu``, C built on first use in under a second) that gives the torch path's
+bits in one pass over memory. ``DELTAFIX_KERNELS`` sets the choice:
 
-- ``auto`` (default): the extension when it builds; if it cannot, one warning line and the
-  reference.
-- ``torch``: always the reference.
-- ``cuda``: the extension must be available, else an ``OptionError``; calls it cannot take
+- ``auto`` (default): the extensions when they build; if the CUDA one cannot, one warning line
+  and the reference.
+- ``torch``: always the reference, and no CPU kernel.
+- ``cuda``: the CUDA extension must be available, else an ``OptionError``; calls it cannot take
   (CPU tensors, float64, blocks over ``cuda.COMPENSATE_MAX_COLUMNS`` columns) still use the
-  reference.
+  reference. The CPU kernel is used as in ``auto``.
 
 The projection methods' ``U_k (U_kᵀ δ)`` has no kernel on purpose: it is two cuBLAS matmuls
 already at their roofline (``benchmarks/kernels.py`` records the numbers).
@@ -26,7 +28,7 @@ from typing import Literal, cast
 import torch
 
 from deltafix.errors import OptionError
-from deltafix.kernels import build, cuda, safedelta_ref
+from deltafix.kernels import build, cpu, cuda, safedelta_ref
 from deltafix.kernels.safedelta_ref import BlockSelection
 
 log = logging.getLogger(__name__)
@@ -97,4 +99,23 @@ def compensate_block(
     return safedelta_ref.compensate_block(w, w_finetuned, keep, Hinv, sub_block)
 
 
-__all__ = ["KERNELS_ENV", "BlockSelection", "compensate_block", "extension_for", "kernel_mode", "select_block"]
+def resta_stream(finetuned: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor | None,
+                 out: torch.Tensor, scale: float) -> tuple[float, float] | None:
+    """RESTA on one stretch of raw CPU inputs in one pass: ``out = F + scale (A − P)`` in ``out``'s
+    dtype, returning ``(‖F − A‖², ‖R − A‖²)``; None where the CPU kernel is off, not built, or does
+    not take these tensors (mixed dtypes), and the caller uses the torch path."""
+    if unaligned is None or kernel_mode() == "torch":
+        return None
+    loaded = cpu.load()
+    if loaded.reason is not None:
+        _note_cpu_fallback(loaded.reason)
+        return None
+    return cpu.resta(finetuned, aligned, unaligned, out, scale)
+
+
+@functools.cache
+def _note_cpu_fallback(reason: str) -> None:
+    log.info("deltafix CPU kernel unavailable (%s); RESTA streams through torch, about twice as slow", reason)
+
+
+__all__ = ["KERNELS_ENV", "BlockSelection", "compensate_block", "extension_for", "kernel_mode", "resta_stream", "select_block"]

@@ -110,6 +110,7 @@ class SequentialSpec:
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
 SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
 LoraBFn = Callable[[WeightTensors, torch.Tensor, Any, Any], torch.Tensor]
+FusedFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], "tuple[float, float] | None"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,11 @@ class Method:
     to ``M B`` so that a repaired adapter stays an adapter. ``elementwise(params)`` is True when,
     with these params, each output entry depends only on the same entry of the inputs and
     ``repair`` reports no stats: the pipeline may then stream any flat piece of a weight through
-    ``repair`` (see ``deltafix.stream``). ``sequential``: see ``SequentialSpec``.
+    ``repair`` (see ``deltafix.stream``). ``fused(params)``, for such a method, may give a kernel
+    doing the same in one pass over raw CPU inputs: ``kernel(F, A, P, out)`` on flat stretches in
+    the checkpoints' dtype writes ``repair``'s result, rounded to ``out``'s dtype, into ``out`` and
+    returns ``(‖F − A‖², ‖R − A‖²)``, or returns None when it cannot take those tensors and the
+    stream goes through ``repair``. ``sequential``: see ``SequentialSpec``.
     """
 
     name: str
@@ -137,6 +142,7 @@ class Method:
     lora_b: LoraBFn | None = None
     tune: TuneSpec | None = None
     elementwise: Callable[[Any], bool] | None = None
+    fused: Callable[[Any], FusedFn | None] | None = None
     sequential: SequentialSpec | None = None
 
     @property

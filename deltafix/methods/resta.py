@@ -8,12 +8,14 @@ does not depend on the order in which tensors are processed.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
 from pydantic import Field
 
-from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTensors, register
+from deltafix import kernels
+from deltafix.methods.registry import FusedFn, Method, MethodParams, Repaired, WeightTensors, register
 
 
 class RestaParams(MethodParams):
@@ -71,6 +73,11 @@ def _elementwise(params: RestaParams) -> bool:
     return params.dare == 0.0
 
 
+def _fused(params: RestaParams) -> FusedFn | None:
+    """The plain merge as one CPU pass (``kernels.resta_stream``): the same bits as ``resta``."""
+    return functools.partial(kernels.resta_stream, scale=params.scale) if params.dare == 0.0 else None
+
+
 register(
     Method(
         name="resta",
@@ -79,5 +86,6 @@ register(
         repair=_repair,
         needs_unaligned=True,
         elementwise=_elementwise,
+        fused=_fused,
     )
 )

@@ -1,8 +1,9 @@
-"""What this machine offers deltafix: torch and CUDA, devices, the CUDA kernels, the cache folders.
+"""What this machine offers deltafix: torch and CUDA, devices, the kernels, the cache folders.
 
 ``deltafix doctor`` prints this. It builds the CUDA extension when it can (the first time takes
-about a minute), so that it reports whether the kernels really load and, if not, why; it never
-fails because they do not. It imports nothing heavy, so it works on a half-broken install.
+about a minute) and the CPU kernel (under a second), so that it reports whether the kernels really
+load and, if not, why; it never fails because they do not. It imports nothing heavy, so it works
+on a half-broken install.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 
 from deltafix import __version__, kernels
 from deltafix.errors import OptionError
-from deltafix.kernels import build
-from deltafix.paths import cache_root, hessian_cache_dir, kernel_cache_dir
+from deltafix.kernels import build, cpu
+from deltafix.paths import cache_root, cpu_kernel_cache_dir, hessian_cache_dir, kernel_cache_dir
 
 HOT_PATHS = ("safedelta_select", "safedelta_compensate", "projection_apply")
 PROJECTION_NOTE = "two cuBLAS matmuls, at their roofline; no kernel by design"
@@ -50,6 +51,16 @@ def _kernel_choice(extension: build.Extension) -> tuple[str, str, str]:
     return mode, "torch", reason
 
 
+def _cpu_kernel(mode: str) -> dict[str, Any]:
+    """The CPU kernel's state, and what RESTA's stream runs on (cpu|torch)."""
+    if mode == "torch":
+        return {"loaded": False, "reason": f"{kernels.KERNELS_ENV}=torch", "library": None, "resta_stream": "torch"}
+    loaded = cpu.load()
+    return {"loaded": loaded.reason is None, "reason": loaded.reason,
+            "library": str(loaded.library) if loaded.library else None,
+            "resta_stream": "torch" if loaded.reason else "cpu"}
+
+
 def diagnose() -> dict[str, Any]:
     """The doctor's findings as plain data (the ``--json`` output)."""
     extension = build.load()
@@ -75,11 +86,13 @@ def diagnose() -> dict[str, Any]:
             },
             "why": why,
             "cpu_tensors": "torch",
+            "cpu_kernel": _cpu_kernel(mode),
         },
         "caches": {
             "deltafix": str(cache_root()),
             "hessians": str(hessian_cache_dir()),
             "kernels": str(kernel_cache_dir()),
+            "cpu_kernels": str(cpu_kernel_cache_dir()),
         },
     }
 
@@ -98,11 +111,14 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(f"CUDA extension: loaded from {ext['build_dir']}" if ext["loaded"]
                  else f"CUDA extension: not available: {ext['reason']}")
     lines.append(f"kernel choice ({kernels.KERNELS_ENV}): {k['mode']}")
-    lines.append("hot paths on CUDA tensors (CPU tensors always use the torch reference):")
+    lines.append("hot paths on CUDA tensors (on CPU tensors Safe Delta uses the torch reference):")
     for name in HOT_PATHS:
         impl = k["hot_paths"][name]
         why = PROJECTION_NOTE if name == "projection_apply" else k["why"]
         lines.append(f"  {name:<22} {impl}  ({why})")
+    c = k["cpu_kernel"]
+    lines.append(f"CPU kernel (RESTA's stream, one pass): loaded from {c['library']}" if c["loaded"]
+                 else f"CPU kernel (RESTA's stream): not used: {c['reason']}; RESTA streams through torch")
     lines.append("caches:")
-    lines += [f"  {name:<9} {path}" for name, path in report["caches"].items()]
+    lines += [f"  {name:<11} {path}" for name, path in report["caches"].items()]
     return "\n".join(lines)

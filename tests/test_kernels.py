@@ -16,7 +16,7 @@ import torch
 from deltafix import kernels
 from deltafix.cli import main
 from deltafix.errors import OptionError
-from deltafix.kernels import build, cuda, safedelta_ref
+from deltafix.kernels import build, cpu, cuda, safedelta_ref
 from deltafix.methods.safedelta import hessian_inverse_factor, safe_delta, safe_delta_sweep
 
 EMULATION_SOURCE = Path(__file__).parent / "kernel_emulation" / "emulation.cpp"
@@ -164,6 +164,7 @@ def test_build_folder_follows_cache_and_sources(monkeypatch, tmp_path):
 
 def test_doctor_json(monkeypatch, tmp_path, capsys, auto_mode):
     monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "cache"))
+    cpu.load.cache_clear()  # forget a kernel loaded from another cache
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["torch"] == torch.__version__
@@ -173,9 +174,16 @@ def test_doctor_json(monkeypatch, tmp_path, capsys, auto_mode):
         "deltafix": str(tmp_path / "cache"),
         "hessians": str(tmp_path / "cache" / "hessians"),
         "kernels": str(tmp_path / "cache" / "cuda_ext"),
+        "cpu_kernels": str(tmp_path / "cache" / "cpu_ext"),
     }
     k = report["kernels"]
     assert k["mode"] == "auto" and k["cpu_tensors"] == "torch"
+    c = k["cpu_kernel"]
+    if cpu.compiler() is not None:  # the doctor built it into the cache
+        assert c["loaded"] and c["resta_stream"] == "cpu" and Path(c["library"]).is_file()
+        assert Path(c["library"]).is_relative_to(tmp_path / "cache" / "cpu_ext")
+    else:
+        assert not c["loaded"] and c["resta_stream"] == "torch" and "no C compiler" in c["reason"]
     assert set(k["hot_paths"]) == {"safedelta_select", "safedelta_compensate", "projection_apply"}
     assert k["hot_paths"]["projection_apply"] == "torch"
     if not k["extension"]["loaded"]:
@@ -192,6 +200,13 @@ def test_doctor_says_why_cuda_is_off(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert f"CUDA extension: not available: {build.unavailable_reason()}" in text
     assert "safedelta_compensate   error" in text and "DELTAFIX_KERNELS=cuda" in text
+
+
+def test_doctor_with_torch_kernels_says_the_cpu_kernel_is_off(monkeypatch, capsys):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "torch")
+    assert main(["doctor"]) == 0
+    assert "CPU kernel (RESTA's stream): not used: DELTAFIX_KERNELS=torch; RESTA streams through torch" \
+        in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the CUDA sources, emulated on the CPU

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from deltafix.errors import OptionError
@@ -28,3 +30,8 @@ def resolve_dtype(name: str) -> torch.dtype | None:
         return DTYPES[name]
     except KeyError:
         raise OptionError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16.") from None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 import torch
 from tqdm import tqdm
 
+from deltafix.devices import usable_cores
 from deltafix.errors import InputError
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import CheckpointReader
@@ -249,8 +249,7 @@ def _piece_stream(method: Method, params: MethodParams, readers: dict[str, Check
 
 def piece_workers() -> int:
     """Threads for piece streaming: the usable cores, at most ``MAX_PIECE_WORKERS``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_PIECE_WORKERS, cores))
+    return max(1, min(MAX_PIECE_WORKERS, usable_cores()))
 
 
 def piece_buffer_bytes(n_inputs: int) -> int:

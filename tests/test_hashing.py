@@ -52,3 +52,19 @@ def test_a_file_longer_than_one_chunk_hashes_whole(tmp_path: Path, monkeypatch: 
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     path.write_bytes(b"")
     assert sha256_file(path) == hashlib.sha256(b"").hexdigest()
+
+
+def test_files_hashed_on_many_threads_are_all_remembered(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltafix.io import hashing
+
+    files = []
+    for i in range(24):
+        files.append(tmp_path / f"model-{i:05d}.safetensors")
+        files[-1].write_bytes(os.urandom(1024 + i))
+    with ThreadPoolExecutor(8) as pool:
+        digests = list(pool.map(file_sha256, files))
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    memo = hashing._load_memo()
+    assert [memo.get(hashing._memo_key(f)) for f in files] == digests

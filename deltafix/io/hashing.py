@@ -11,10 +11,13 @@ import json
 import mmap
 import os
 import re
+import threading
 from pathlib import Path
 
 from deltafix.paths import cache_root
 
+_MEMO_LOCK = threading.Lock()
+"""A repair hashes its input files on several threads, and each adds its result to the memo."""
 CHUNK = 16 * 1024 * 1024
 """Bytes hashed per memory map; a multiple of every platform's map offset granularity."""
 
@@ -76,14 +79,20 @@ def file_sha256(path: Path) -> str:
     if key in memo:
         return memo[key]
     value = sha256_file(path)
-    memo = _load_memo()
-    memo[key] = value
-    target = _memo_path()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(target)
-    except OSError:
-        pass  # the memo is an optimisation; an unwritable cache only costs a rehash next time
+    _remember(key, value)
     return value
+
+
+def _remember(key: str, value: str) -> None:
+    """Add one hash to the memo file; threads of this process take turns (``_MEMO_LOCK``)."""
+    with _MEMO_LOCK:
+        memo = _load_memo()
+        memo[key] = value
+        target = _memo_path()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            tmp.replace(target)
+        except OSError:
+            pass  # the memo is an optimisation; an unwritable cache only costs a rehash next time

@@ -90,6 +90,8 @@ def test_kernel_declines_what_it_cannot_take(fresh_load: None) -> None:
     assert kernels.resta_stream(f, a, p[:63], out, 0.5) is None  # lengths differ
     assert kernels.resta_stream(f.double(), a.double(), p.double(), out.double(), 0.5) is None  # no float64 kernel
     assert kernels.resta_stream(f, a, None, out, 0.5) is None
+    odd = torch.frombuffer(bytearray(129), dtype=torch.bfloat16, offset=1)  # at an odd address, as a map may give
+    assert kernels.resta_stream(odd, a, p, out, 0.5) is None
 
 
 def bf16_checkpoints(root: Path, nan_at: tuple[str, int] | None = None) -> dict[str, CheckpointReader]:

@@ -119,11 +119,12 @@ def load() -> CpuKernels:
 
 
 def takes(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors: contiguous, on the CPU, one dtype it was built for,
-    the same number of elements."""
+    """Whether the kernel takes these tensors: on the CPU, one dtype, the same number of elements,
+    contiguous and aligned to their element size (C may assume both; a safetensors file whose
+    header is not padded can place a tensor at any byte)."""
     first = tensors[0]
-    return all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() and t.numel() == first.numel()
-               for t in tensors)
+    return all(t.device.type == "cpu" and t.dtype == first.dtype and t.numel() == first.numel()
+               and t.is_contiguous() and t.data_ptr() % t.element_size() == 0 for t in tensors)
 
 
 def resta(finetuned: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor, out: torch.Tensor,

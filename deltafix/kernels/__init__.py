@@ -118,4 +118,5 @@ def _note_cpu_fallback(reason: str) -> None:
     log.info("deltafix CPU kernel unavailable (%s); RESTA streams through torch, about twice as slow", reason)
 
 
-__all__ = ["KERNELS_ENV", "BlockSelection", "compensate_block", "extension_for", "kernel_mode", "resta_stream", "select_block"]
+__all__ = ["KERNELS_ENV", "BlockSelection", "compensate_block", "extension_for", "kernel_mode", "resta_stream",
+           "select_block"]

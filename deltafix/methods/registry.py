@@ -110,7 +110,7 @@ class SequentialSpec:
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]
 SurveyFn = Callable[[Iterable[WeightTensors], Any], Any]
 LoraBFn = Callable[[WeightTensors, torch.Tensor, Any, Any], torch.Tensor]
-FusedFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], "tuple[float, float] | None"]
+FusedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[float, float] | None]
 
 
 @dataclass(frozen=True)

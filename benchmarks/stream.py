@@ -5,7 +5,9 @@ times, in the same run, (1) a plain copy that reads every tensor of A and F and 
 with the same writer, and (2) ``deltafix repair --method resta`` twice: "cold" hashes every input
 file for the report (sha256, once per file; a deltafix cache empty but for the CPU kernel, built
 beforehand as ``deltafix doctor`` does), "warm" finds the hashes in the memo as any later run on
-the same files does, and as any run on Hub downloads does (their blob names are the hashes). Each runs in a fresh subprocess, after torch is
+the same files does, and as any run on Hub downloads does (their blob names are the hashes).
+A fourth job, "torch", is the warm run with ``DELTAFIX_KERNELS=torch``: RESTA's stream through
+torch instead of the CPU kernel (the fallback where no C compiler is found). Each runs in a fresh subprocess, after torch is
 imported, so its peak RSS is its own. The three jobs run ``--repeats`` times, interleaved, and the
 median run of each is shown. Targets (DESIGN §7): repair/copy time ratio ≤ 1.5, and peak RSS
 growing by < 10 % when the model size doubles.
@@ -33,6 +35,7 @@ from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5504, 32000
 INPUT_SHARD_BYTES = 1_000_000_000
 OUT_SHARD_BYTES = "1GB"
+JOBS = ("copy", "cold", "warm", "torch")
 
 
 def llama_shapes(n_layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -97,8 +100,8 @@ def child_main(args: list[str]) -> None:
                       "peak_rss": usage.ru_maxrss * 1024}), file=sys.stderr)
 
 
-def measure(args: list[str], cache: Path) -> dict[str, float]:
-    env = {**os.environ, "DELTAFIX_CACHE": str(cache)}
+def measure(args: list[str], cache: Path, kernels: str = "auto") -> dict[str, float]:
+    env = {**os.environ, "DELTAFIX_CACHE": str(cache), "DELTAFIX_KERNELS": kernels}
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
@@ -133,31 +136,33 @@ def main() -> None:
             for role, seed in (("P", 0), ("A", 1), ("F", 2)):
                 make_checkpoint(root / role, n, seed)
             inputs = [str(root / "A"), str(root / "F"), str(root / "P")]
-            runs: dict[str, list[dict[str, float]]] = {"copy": [], "cold": [], "warm": []}
+            runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in JOBS}
             for rep in range(opts.repeats):  # interleaved, so a slow spell of the machine hits every job
                 runs["copy"].append(measure(["copy", *inputs[:2], str(root / "out")], work / "cache"))
                 shutil.rmtree(root / "out")
-                for kind, cache in (("cold", f"cache-{size:g}-{rep}"), ("warm", f"cache-{size:g}-0")):
+                for kind, cache in (("cold", f"cache-{size:g}-{rep}"), ("warm", f"cache-{size:g}-0"),
+                                    ("torch", f"cache-{size:g}-0")):
                     # cold: a fresh cache (but for the kernel); warm: the cache the first cold run filled
                     build_kernels(work / cache)
-                    runs[kind].append(measure(["repair", *inputs, str(root / "out")], work / cache))
+                    runs[kind].append(measure(["repair", *inputs, str(root / "out")], work / cache,
+                                              "torch" if kind == "torch" else "auto"))
                     shutil.rmtree(root / "out")
-            rows.append((size, n, *(median_run(runs[kind]) for kind in ("copy", "cold", "warm"))))
+            rows.append((size, n, *(median_run(runs[kind]) for kind in JOBS)))
             shutil.rmtree(root)
     finally:
         if not opts.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"median of {opts.repeats} runs each")
-    print(f"{'size':>6} {'layers':>6} {'copy s':>7} {'cold s':>7} {'ratio':>6} {'warm s':>7} {'ratio':>6} "
-          f"{'copy RSS':>9} {'resta RSS':>9}")
-    for size, n, copy, cold, warm in rows:
-        print(f"{size:>5g}G {n:>6} {copy['seconds']:>7.1f} {cold['seconds']:>7.1f} {cold['seconds'] / copy['seconds']:>6.2f} "
-              f"{warm['seconds']:>7.1f} {warm['seconds'] / copy['seconds']:>6.2f} "
-              f"{copy['peak_rss'] / 1e9:>8.2f}G {warm['peak_rss'] / 1e9:>8.2f}G")
+    print(f"median of {opts.repeats} runs each; ratio: repair time / copy time")
+    print(f"{'size':>6} {'layers':>6} {'copy s':>7}" + "".join(f" {kind + ' s':>7} {'ratio':>6}" for kind in JOBS[1:])
+          + f" {'copy RSS':>9} {'resta RSS':>9}")
+    for size, n, copy, *repairs in rows:
+        print(f"{size:>5g}G {n:>6} {copy['seconds']:>7.1f}"
+              + "".join(f" {r['seconds']:>7.1f} {r['seconds'] / copy['seconds']:>6.2f}" for r in repairs)
+              + f" {copy['peak_rss'] / 1e9:>8.2f}G {repairs[1]['peak_rss'] / 1e9:>8.2f}G")
     print("CPU seconds (user + system, all threads; unaffected by time stolen by a hypervisor):")
-    for size, _, copy, cold, warm in rows:
-        print(f"{size:>5g}G copy {copy['cpu']:.1f}  cold {cold['cpu']:.1f} ({cold['cpu'] / copy['cpu']:.2f}x)  "
-              f"warm {warm['cpu']:.1f} ({warm['cpu'] / copy['cpu']:.2f}x)")
+    for size, _, copy, *repairs in rows:
+        print(f"{size:>5g}G copy {copy['cpu']:.1f}" + "".join(
+            f"  {kind} {r['cpu']:.1f} ({r['cpu'] / copy['cpu']:.2f}x)" for kind, r in zip(JOBS[1:], repairs)))
     if len(rows) >= 2:
         growth = rows[-1][4]["peak_rss"] / rows[0][4]["peak_rss"] - 1
         print(f"resta peak RSS growth from {rows[0][0]:g} GB to {rows[-1][0]:g} GB: {100 * growth:+.1f} %")

@@ -4,6 +4,9 @@ stream using it, and its build plumbing. Skipped where there is no C compiler.""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -170,3 +173,13 @@ def test_build_is_cached_per_source_and_compiler(fresh_load: None, monkeypatch: 
     assert cpu.load().library == library
     cc = cpu.compiler()
     assert cpu.build_key([*cc, "-DDELTAFIX_OTHER"]) != cpu.build_key(cc)
+
+
+@needs_cc
+def test_ahead_of_time_build_makes_the_cpu_kernel(tmp_path: Path) -> None:
+    env = {**os.environ, "DELTAFIX_CACHE": str(tmp_path / "cache")}
+    env.pop("DELTAFIX_KERNELS", None)
+    done = subprocess.run([sys.executable, "-m", "deltafix.kernels"], capture_output=True, text=True, env=env)
+    built_here = list((tmp_path / "cache" / "cpu_ext").glob(f"*/{cpu.LIBRARY}"))
+    assert len(built_here) == 1
+    assert done.stdout.splitlines()[0] == f"deltafix CPU kernel ready in {built_here[0]}"

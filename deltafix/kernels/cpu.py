@@ -138,3 +138,11 @@ def resta(finetuned: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tenso
     function(finetuned.data_ptr(), aligned.data_ptr(), unaligned.data_ptr(), out.data_ptr(), out.numel(), scale,
              norms)
     return norms[0], norms[1]
+
+
+def report_line() -> str:
+    """One line for ``python -m deltafix.kernels``: where the kernel is, or why there is none."""
+    loaded = load()
+    if loaded.reason is not None:
+        return f"deltafix CPU kernel not built: {loaded.reason}; RESTA streams through torch"
+    return f"deltafix CPU kernel ready in {loaded.library}"

@@ -126,8 +126,9 @@ def _compile(folder: Path) -> ModuleType:
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+def first_line(err: BaseException) -> str:
+    """``Type: first line`` of a build error; for a failed compiler run, of what it printed."""
+    text = str(getattr(err, "stderr", None) or err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
@@ -147,7 +148,7 @@ def load() -> Extension:
     try:
         module = _compile(folder)
     except (RuntimeError, OSError, ImportError, ValueError, subprocess.SubprocessError) as err:
-        return Extension(None, f"the build failed in {folder} ({_first_line(err)})", folder, str(err))
+        return Extension(None, f"the build failed in {folder} ({first_line(err)})", folder, str(err))
     return Extension(module, None, folder)
 
 

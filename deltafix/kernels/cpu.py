@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from deltafix.kernels.build import first_line
 from deltafix.paths import cpu_kernel_cache_dir
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,6 @@ def _bind(library: Path) -> dict[torch.dtype, Any]:
     return functions
 
 
-def _failure(err: BaseException) -> str:
-    detail = getattr(err, "stderr", None) or str(err)
-    lines = [line for line in str(detail).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 @functools.cache
 def load() -> CpuKernels:
     """The kernels for this process: loaded from the cache, else built once; never raises."""
@@ -115,7 +110,7 @@ def load() -> CpuKernels:
                 _compile(cc, library)
             return CpuKernels(_bind(library), None, library)
         except (OSError, subprocess.SubprocessError) as err:
-            return CpuKernels(reason=f"the build failed ({_failure(err)})")
+            return CpuKernels(reason=f"the build failed ({first_line(err)})")
 
 
 def takes(*tensors: torch.Tensor) -> bool:

@@ -52,10 +52,11 @@ MAX_PIECE_WORKERS = 4
 """Beyond a few threads the pieces are bound by memory bandwidth, not cores."""
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum); the exact elementwise
-    check runs only when the sum is not finite, which a legitimate overflow could also cause."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+def all_finite(tensor: torch.Tensor, reduced: float | None = None) -> bool:
+    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum, or into ``reduced``, a
+    norm over ``tensor`` the caller has computed anyway); the exact elementwise check runs only
+    when that is not finite, which a legitimate overflow could also cause."""
+    return math.isfinite(tensor.sum() if reduced is None else reduced) or bool(torch.isfinite(tensor).all())
 
 
 def _nonfinite(name: str) -> InputError:
@@ -177,8 +178,7 @@ class PieceStream:
             norms = fused(finetuned[:kept - start], inputs["aligned"], inputs.get("unaligned"), flat[start:kept])
             if norms is not None:
                 grown = finetuned[kept - start:]  # F's extra vocabulary rows, copied as they are
-                if check_finite and (not math.isfinite(norms[0]) and not torch.isfinite(finetuned).all()
-                                     or grown.numel() and not all_finite(grown)):
+                if check_finite and not (all_finite(finetuned[:kept - start], norms[0]) and all_finite(grown)):
                     raise _nonfinite(spec.name)
                 flat[kept:stop].copy_(grown)
                 return norms
@@ -207,7 +207,7 @@ class PieceStream:
                 )
                 if spec.is_linear:
                     moved = torch.dist(weight.finetuned, weight.aligned).item() ** 2
-                    if check_finite and not math.isfinite(moved) and not torch.isfinite(f).all():
+                    if check_finite and not all_finite(f, moved):
                         raise _nonfinite(spec.name)
                     before += moved
                 result = method.repair(weight, params, None).tensor

@@ -2,15 +2,19 @@
 
 For each model size it generates Llama-shaped random bf16 checkpoints P, A, F (sharded), then
 times, in the same run, (1) a plain copy that reads every tensor of A and F and writes F's tensors
-with the same writer, and (2) ``deltafix repair --method resta`` twice: "cold" hashes every input
-file for the report (sha256, once per file; a deltafix cache empty but for the CPU kernel, built
-beforehand as ``deltafix doctor`` does), "warm" finds the hashes in the memo as any later run on
-the same files does, and as any run on Hub downloads does (their blob names are the hashes).
-A fourth job, "torch", is the warm run with ``DELTAFIX_KERNELS=torch``: RESTA's stream through
-torch instead of the CPU kernel (the fallback where no C compiler is found). Each runs in a fresh subprocess, after torch is
-imported, so its peak RSS is its own. The three jobs run ``--repeats`` times, interleaved, and the
-median run of each is shown. Targets (DESIGN §7): repair/copy time ratio ≤ 1.5, and peak RSS
-growing by < 10 % when the model size doubles.
+with the same writer, and (2) ``deltafix repair --method resta`` three ways:
+
+- "cold" hashes every input file for the report (sha256, once per file) in a deltafix cache empty
+  but for the CPU kernel, built beforehand as ``deltafix doctor`` does;
+- "warm" finds the hashes in the memo, as any later run on the same files does, and as any run on
+  Hub downloads does (their blob names are the hashes);
+- "torch" is the warm run with ``DELTAFIX_KERNELS=torch``: RESTA's stream through torch instead of
+  the CPU kernel (the fallback where no C compiler is found).
+
+Each job runs in a fresh subprocess, timed after torch is imported, so its peak RSS is its own. The
+four jobs run ``--repeats`` times, interleaved, and the median run of each is shown. Targets
+(DESIGN §7): repair/copy time ratio ≤ 1.5, and peak RSS growing by < 10 % when the model size
+doubles.
 
     python benchmarks/stream.py [--sizes-gb 2 4] [--repeats 3] [--workdir DIR] [--keep]
 """

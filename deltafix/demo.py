@@ -1,9 +1,10 @@
-"""``deltafix demo``: the whole story offline, on the tiny testbed, in one table.
+"""``deltafix demo``: the whole story offline, on the tiny testbed or the real model, in one table.
 
-Builds (or loads from the cache) the testbed's aligned model A, its harmful fine-tune F and the
-pre-alignment base P, repairs F with every registered method using its recipe, evaluates A, F
-and each repair on held-out harmful prompts, benign prompts and the user's task, and returns one
-row per model.
+Builds (or loads from the cache) a testbed: the toy one (``deltafix.testbed.build``, minutes) or,
+with ``real``, SmolLM2-135M-Instruct aligned and fine-tuned (``deltafix.testbed.realmodel``, about
+25 minutes once). Repairs F with every registered method using its recipe, evaluates the testbed's
+models and each repair on held-out harmful prompts, benign prompts and the user's task, and
+returns one row per model.
 """
 
 from __future__ import annotations
@@ -37,24 +38,32 @@ def recipe_params(method: str) -> dict:
     return load_recipe(path).parameters if path.exists() else {}
 
 
-def run_demo(out: Path, *, progress: bool = True, methods: list[str] | None = None,
+def run_demo(out: Path, *, real: bool = False, progress: bool = True, methods: list[str] | None = None,
              echo: Callable[[str], None] = lambda _: None) -> list[DemoRow]:
-    """Build the testbed, repair F with each method into ``out/<method>``, evaluate everything."""
+    """Build the testbed, repair F with each method into ``out/<method>``, evaluate everything.
+
+    The toy table has rows A, F and one per method; the real one also P, F_benign and F_lora,
+    since on a real model those are worth seeing (P's ASR, what a task-only fine-tune costs).
+    """
     from deltafix.evaluate import evaluate_folder
-    from deltafix.testbed import build_testbed
+    from deltafix.testbed import build_real_testbed, build_testbed
 
     started = time.perf_counter()
-    bed = build_testbed(progress=progress)
+    bed = build_real_testbed(progress=progress, echo=echo) if real else build_testbed(progress=progress)
     echo(f"testbed ready in {time.perf_counter() - started:.1f}s")
 
     def evaluate(name: str, folder: Path, seconds: float) -> DemoRow:
         result = evaluate_folder(folder, harmful=bed.harmful_eval, benign=bed.benign_eval, utility=bed.task_eval,
-                                 progress=False)
+                                 device="cpu", progress=False)
         row = DemoRow(name, result.asr, result.benign_help, result.accuracy, seconds)
-        echo(f"{name}: ASR {row.asr:.2f}")
+        echo(f"{name}: ASR {row.asr:.2f}, benign help {row.benign_help:.2f}, task {row.accuracy:.2f}")
         return row
 
-    rows = [evaluate("A (aligned)", bed.aligned, 0.0), evaluate("F (fine-tuned)", bed.finetuned, 0.0)]
+    models = [("A (aligned)", bed.aligned), ("F (fine-tuned)", bed.finetuned)]
+    if real:
+        models = [("P (unaligned)", bed.unaligned), *models, ("F_benign (task only)", bed.finetuned_benign),
+                  ("F_lora (adapter)", bed.finetuned_lora)]
+    rows = [evaluate(name, folder, 0.0) for name, folder in models]
     for method in methods or method_names():
         start = time.perf_counter()
         params = method_params(method, recipe_params(method), {})

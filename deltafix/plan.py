@@ -7,15 +7,15 @@ or any output is written.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from deltafix.errors import MismatchError
+from deltafix.errors import InputError, MismatchError
 from deltafix.io.reader import CheckpointReader
+from deltafix.io.strictjson import parse_json_object
 
 DECODER_LINEAR = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+\..+\.weight$")
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
@@ -60,11 +60,19 @@ class Plan:
 
 
 def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict ({} when there is none).
+
+    A config that is not a JSON object is refused rather than read as {}: the output carries F's
+    config, and a repair that publishes a checkpoint no loader can open has not repaired anything.
+    """
     path = folder / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
+    if not path.exists():
         return {}
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}.") from err
+    return parse_json_object(raw, path, "fix or re-download the model's config.json.")
 
 
 def is_decoder_linear(name: str, shape: tuple[int, ...]) -> bool:
@@ -109,6 +117,7 @@ def build_plan(
 ) -> Plan:
     """Pair F's tensors with A's (and P's) and validate names and shapes; output follows F."""
     notes: list[str] = []
+    read_config(finetuned.folder)  # only checked: OUT gets F's config, which must load
     a_tied = bool(read_config(aligned.folder).get("tie_word_embeddings", False))
     p_tied = bool(unaligned is not None and read_config(unaligned.folder).get("tie_word_embeddings", False))
     missing = [n for n in aligned.names if n not in finetuned and not n.endswith("lm_head.weight")]

@@ -9,7 +9,6 @@ memory flat however large the model is.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from deltafix.errors import InputError
+from deltafix.io.strictjson import parse_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -67,8 +67,10 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse one safetensors file's header and check that the file holds every byte it promises.
 
-    Returns ``(tensors, metadata)``. A truncated or corrupt file raises ``InputError`` here,
-    before any tensor is used, instead of failing half-way through a repair.
+    Returns ``(tensors, metadata)``. A truncated, corrupt or crafted file raises ``InputError``
+    here, naming the file and the tensor, before any tensor is used: a header is untrusted input,
+    and one whose offsets point into the header or overlap another tensor would otherwise be
+    read as weights (``validate_header``).
     """
     try:
         size = path.stat().st_size
@@ -78,26 +80,67 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                 raise InputError(f"{path} is not a safetensors file (too short); re-download it.")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise InputError(f"{path} has a corrupt safetensors header; re-download it.")
-            header = json.loads(fh.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {path}: {err}; check the file or re-download it.") from err
-    if not isinstance(header, dict):
-        raise InputError(f"{path} has a corrupt safetensors header; re-download it.")
-    metadata = header.pop("__metadata__", None) or {}
+                raise InputError(f"{path} has a corrupt safetensors header (its length does not fit the file); "
+                                 "re-download it.")
+            raw = fh.read(header_len)
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}; check the file or re-download it.") from err
+    header = parse_json_object(raw, f"the safetensors header of {path}", "re-download the file.")
+    return validate_header(path, header, size - 8 - header_len, 8 + header_len)
+
+
+def validate_header(path: Path, header: dict[str, object], data_len: int,
+                    data_start: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check a parsed header against the safetensors format and the data section it describes.
+
+    ``__metadata__`` must map strings to strings; every tensor needs a known dtype, a shape of
+    non-negative integers and ``data_offsets`` whose length is dtype × shape; sorted by offset,
+    the tensors must tile the data section exactly (from 0 to ``data_len``, no gaps, no
+    overlaps), as the safetensors library itself requires.
+    """
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: the header's __metadata__ is not a map of strings to strings; re-download it.")
     tensors: dict[str, TensorInfo] = {}
-    data_len = size - 8 - header_len
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(f"{path}: tensor {name!r} has an unreadable header entry ({err}).") from err
-        if end > data_len or end - start != math.prod(shape) * dtype.itemsize:
-            raise InputError(f"{path} is truncated or corrupt (tensor {name!r}); re-download it.")
-        tensors[name] = TensorInfo(name, shape, dtype, path, start, 8 + header_len + start)
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.offset + t.nbytes)):
+        if info.offset + info.nbytes > data_len:
+            raise InputError(f"{path} is truncated or corrupt (tensor {info.name!r}); re-download it.")
+        if info.offset != end:
+            problem = "overlaps the tensor before it" if info.offset < end else "leaves a gap before it"
+            raise InputError(f"{path}: tensor {info.name!r} {problem} in the data section; re-download the file.")
+        end = info.offset + info.nbytes
+    if end != data_len:
+        raise InputError(f"{path} has {data_len - end} bytes after its last tensor; re-download it.")
     return tensors, metadata
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (``true`` is an ``int`` in Python, not in a header)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry as a ``TensorInfo``, its fields checked for type and consistency."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{path}: tensor {name!r} has an unreadable header entry; re-download the file.")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise InputError(f"{path}: tensor {name!r} has the unsupported dtype {dtype_name!r}; "
+                         f"convert the checkpoint to one of {', '.join(SAFETENSORS_DTYPES)}.")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InputError(f"{path}: tensor {name!r} has an invalid shape {shape!r}; re-download the file.")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets) \
+            or offsets[0] > offsets[1]:
+        raise InputError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; re-download the file.")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    start, end = offsets
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise InputError(f"{path}: tensor {name!r} spans {end - start} bytes, but {dtype_name} × {shape} needs "
+                         f"{math.prod(shape) * dtype.itemsize}; re-download the file.")
+    return TensorInfo(name, tuple(shape), dtype, path, start, data_start + start)
 
 
 class CheckpointReader:
@@ -127,7 +170,7 @@ class CheckpointReader:
         index = self.folder / INDEX_NAME
         if index.exists():
             self._index = self._load_index(index)
-            files = sorted({self.folder / f for f in self._index.values()})
+            files = sorted({self._inside(shard, index) for shard in set(self._index.values())})
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise InputError(
@@ -137,10 +180,10 @@ class CheckpointReader:
         self._index = None
         single = self.folder / SINGLE_NAME
         if single.exists():
-            return [single]
+            return [self._inside(SINGLE_NAME)]
         found = sorted(self.folder.glob("*.safetensors"))
         if len(found) == 1:
-            return found
+            return [self._inside(found[0].name)]
         if len(found) > 1:
             raise InputError(f"{self.folder} holds several .safetensors files but no {INDEX_NAME}.")
         if any((self.folder / n).exists() for n in PICKLE_NAMES) or list(self.folder.glob("*.bin")):
@@ -152,14 +195,38 @@ class CheckpointReader:
             )
         raise InputError(f"{self.folder} contains no safetensors weights (model.safetensors or an index).")
 
+    def _inside(self, shard: str, index: Path | None = None) -> Path:
+        """``folder/shard`` (named by ``index``, if any), refused unless it stays inside the checkpoint
+        folder after symlinks.
+
+        An index is untrusted: ``../x``, an absolute path or a symlink out of the folder would
+        make deltafix read (and ``hub`` upload a repair of) any file the user can read. In a Hub
+        cache snapshot every file is a symlink to ``../../blobs/<sha256>``, so that repository's
+        ``blobs`` folder counts as inside too.
+        """
+        relative = Path(shard)
+        path = self.folder / relative
+        roots = [self.folder.resolve()]
+        if roots[0].parent.name == "snapshots":
+            roots.append(roots[0].parent.parent / "blobs")
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts \
+                or not any(path.resolve().is_relative_to(root) for root in roots):
+            where = f"{index} names the shard {shard!r}, which" if index is not None else f"{path} links to a file that"
+            raise InputError(f"{where} lies outside {self.folder}; a checkpoint may only use files inside its "
+                             "folder, so copy the shard there.")
+        return path
+
     @staticmethod
     def _load_index(index: Path) -> dict[str, str]:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(f"{index} is not a valid safetensors index ({err}).") from err
-        if not isinstance(weight_map, dict):
-            raise InputError(f"{index} is not a valid safetensors index (weight_map is not a mapping).")
+            raw = index.read_bytes()
+        except OSError as err:
+            raise InputError(f"cannot read {index}: {err.strerror or err}.") from err
+        remedy = "re-download the checkpoint."
+        weight_map = parse_json_object(raw, index, remedy).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index} is not a valid safetensors index (weight_map is not a map of tensor "
+                             f"names to shard files); {remedy}")
         return weight_map
 
     def _check_index(self) -> None:

@@ -42,7 +42,7 @@ UNIT_EIGENVALUE_TOL = 1e-5
 
 class AsftParams(MethodParams):
     lam: float = Field(
-        100.0, ge=0.0,
+        100.0, ge=0.0, allow_inf_nan=True,
         description="λ: weight of the off-alignment penalty; inf = hard projection. 100 from the testbed sweep.",
     )
     projector: Literal["exact", "reference"] = Field(

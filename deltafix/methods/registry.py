@@ -19,9 +19,14 @@ from deltafix.errors import OptionError
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter model: unknown keys are errors, values are validated."""
+    """Base of every method's parameter model: unknown keys are errors, values are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Numbers must be finite unless a field says otherwise (``allow_inf_nan=True``, e.g. AsFT's
+    ``lam = inf``): a NaN or infinite budget or weight (``--set scale=nan``, ``1e400``) would
+    otherwise turn every repaired weight into NaN/Inf.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AutoTuneParams(MethodParams):

@@ -19,7 +19,7 @@ from deltafix.methods.registry import FusedFn, Method, MethodParams, Repaired, W
 
 
 class RestaParams(MethodParams):
-    scale: float = Field(0.5, description="b: weight of the alignment direction θ_A − θ_P (sweep 0.2–1).")
+    scale: float = Field(0.5, ge=0.0, description="b: weight of the alignment direction θ_A − θ_P (sweep 0.2–1).")
     dare: float = Field(0.0, ge=0.0, lt=1.0, description="p: DARE drop rate on the fine-tune delta (0 = off).")
     seed: int = Field(0, description="seed of the DARE masks (per tensor: seed and tensor name).")
 

@@ -18,14 +18,22 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method, MethodParams, WeightTensors
 from deltafix.methods.stats import delta_norms
 from deltafix.plan import is_decoder_linear
+from deltafix.stream import all_finite, check_output, nonfinite_input
 
 
 def _module_weights(adapter: LoraAdapter, aligned: CheckpointReader, unaligned: CheckpointReader,
-                    device: torch.device) -> Iterator[tuple[str, LoraModule, WeightTensors]]:
-    """Each adapted module as fp32 tensors in ``nn.Linear`` layout (out, in) on ``device``."""
+                    device: torch.device, check_finite: bool) -> Iterator[tuple[str, LoraModule, WeightTensors]]:
+    """Each adapted module as fp32 tensors in ``nn.Linear`` layout (out, in) on ``device``, every
+    input checked for NaN/Inf as it is loaded (the adapter's factors only with ``check_finite``)."""
     for name, module in adapter.modules.items():
         w_a = aligned.get(name).to(device=device, dtype=torch.float32)
+        if not all_finite(w_a):
+            raise nonfinite_input(name, "aligned")
         w_p = unaligned.get(name).to(device=device, dtype=torch.float32)
+        if not all_finite(w_p):
+            raise nonfinite_input(name, "unaligned")
+        if check_finite and not (all_finite(module.A) and all_finite(module.B)):
+            raise nonfinite_input(f"{module.path} (LoRA A/B)")
         delta = module.delta().to(device)
         if module.fan_in_fan_out:
             w_a, w_p, delta = w_a.T, w_p.T, delta.T
@@ -35,17 +43,23 @@ def _module_weights(adapter: LoraAdapter, aligned: CheckpointReader, unaligned: 
 
 
 def repair_adapter_factors(method: Method, params: MethodParams, adapter: LoraAdapter, aligned: CheckpointReader,
-                           unaligned: CheckpointReader, device: torch.device, progress: bool = False
+                           unaligned: CheckpointReader, device: torch.device, progress: bool = False,
+                           check_finite: bool = True
                            ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, float]]]:
-    """New ``(A, B)`` per module and per-module stats; B keeps its stored dtype."""
+    """New ``(A, B)`` per module and per-module stats; B keeps its stored dtype.
+
+    ``check_finite`` (off with ``--allow-nonfinite``) refuses NaN/Inf in the adapter's factors
+    and, with finite inputs, a new B that is not finite (``NonFiniteOutputError``).
+    """
     if method.lora_b is None:
         raise OptionError(f"method {method.name} does not keep low rank; its output is a full checkpoint.")
     state: Any = None
     if method.survey is not None:
-        state = method.survey((w for _, _, w in _module_weights(adapter, aligned, unaligned, device)), params)
+        state = method.survey((w for _, _, w in _module_weights(adapter, aligned, unaligned, device, check_finite)),
+                              params)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats: dict[str, dict[str, float]] = {}
-    steps = tqdm(_module_weights(adapter, aligned, unaligned, device), total=len(adapter.modules),
+    steps = tqdm(_module_weights(adapter, aligned, unaligned, device, check_finite), total=len(adapter.modules),
                  desc=f"repair adapter ({method.name})", unit="module", disable=None if progress else True)
     for name, module, weight in steps:
         b = module.B.to(device=device, dtype=torch.float32)
@@ -56,6 +70,8 @@ def repair_adapter_factors(method: Method, params: MethodParams, adapter: LoraAd
         repaired = weight.aligned + module.scaling * (new_b @ module.A.to(device=device, dtype=torch.float32))
         stats[name] = delta_norms(weight.aligned, weight.finetuned, repaired)
         factors[name] = (module.A, new_b.to(device="cpu", dtype=module.B.dtype))
+        if check_finite:
+            check_output(f"{module.path} (LoRA B)", factors[name][1])
     return factors, stats
 
 

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from deltafix.errors import InputError
 from deltafix.io.reader import CheckpointReader
+from deltafix.stream import all_finite
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -134,6 +135,10 @@ def materialise(
 ) -> None:
     """Load ``module``'s parameters (checkpoint names ``prefix.<name>``) onto ``device``.
 
+    Each loaded tensor is checked for NaN/Inf here, where calibration first meets it: run
+    through the model, one NaN weight makes every Hessian NaN, and the solve that fails on it
+    later could only blame its damping.
+
     Floating parameters are cast to the compute ``dtype``; buffers keep theirs (rotary
     frequencies stay fp32). Buffers that the checkpoint holds are loaded too; the others
     (computed at construction) are moved. Names under ``skip`` are left.
@@ -151,6 +156,9 @@ def materialise(
                 raise InputError(
                     f"tensor {full} has shape {tuple(value.shape)} but the config implies {tuple(current.shape)}."
                 )
+            if value.is_floating_point() and not all_finite(value):
+                raise InputError(f"{getattr(source, 'folder', 'the checkpoint')}: tensor {full!r} contains NaN or "
+                                 "Inf, and calibration runs the model on it; fix or re-download that checkpoint.")
         elif is_param:
             raise InputError(f"the checkpoint lacks tensor {full}, which calibration needs; is it complete?")
         else:

@@ -8,16 +8,18 @@ OUT atomically with a report and a model card, like ``repair``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from deltafix import __version__
 from deltafix.card import write_model_card
-from deltafix.errors import InputError
+from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
@@ -25,6 +27,7 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.lora_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
+from deltafix.stream import all_finite, check_output, nonfinite_input
 
 REPORT_NAME = "deltafix_report.json"
 
@@ -51,14 +54,48 @@ def _adapter(ref: str, role: str, base: CheckpointReader) -> tuple[LoraAdapter, 
     return LoraAdapter.load(folder, base=base), folder
 
 
+def _check_options(opts: MergeOptions) -> None:
+    """``--alpha`` in [0, 1] and ``--scale`` >= 0, both finite: a NaN passes a range check."""
+    if not (math.isfinite(opts.alpha) and 0.0 <= opts.alpha <= 1.0):
+        raise OptionError(f"--alpha takes a finite number >= 0 and <= 1, not {opts.alpha}.")
+    if not (math.isfinite(opts.scale) and opts.scale >= 0.0):
+        raise OptionError(f"--scale takes a finite number >= 0, not {opts.scale}.")
+
+
+def _check_adapter_finite(adapter: LoraAdapter, role: str) -> None:
+    """Refuse NaN/Inf in an adapter's factors and saved full tensors before anything is merged."""
+    tensors = [(f"{module.path} (LoRA A/B)", t) for module in adapter.modules.values() for t in (module.A, module.B)]
+    tensors += [(name, adapter.replacement(name)) for name in adapter.replaced]
+    for name, tensor in tensors:
+        if not all_finite(tensor):
+            raise InputError(f"the {role} adapter {adapter.folder}: tensor {name!r} contains NaN or Inf; "
+                             "fix or re-train that adapter.")
+
+
+def _merged(name: str, base: CheckpointReader, user: LoraAdapter, reinforce: LoraAdapter, opts: MergeOptions,
+            dtype: torch.dtype) -> torch.Tensor:
+    """One output tensor, checked: every input reaches it, so one finite check covers A's tensor too
+    (the adapters were checked whole); a NaN from finite inputs is a ``NonFiniteOutputError``."""
+    base_tensor = base.get(name)
+    value = merged_tensor(name, base_tensor, user, reinforce, opts.alpha, opts.scale).to(dtype)
+    if not all_finite(value):
+        if not all_finite(base_tensor):
+            raise nonfinite_input(name, "aligned")
+        check_output(name, value)
+    return value
+
+
 def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
     """Validate the three inputs, write the merged checkpoint (or adapter) into OUT, return the report."""
     started = time.perf_counter()
+    _check_options(opts)
     base_ref = resolve_ref(opts.base)
     base = CheckpointReader(base_ref.folder)
     user, user_folder = _adapter(opts.user, "user", base)
     reinforce, reinforce_folder = _adapter(opts.reinforce, "reinforce", base)
     check_mergeable(user, reinforce)
+    _check_adapter_finite(user, "user")
+    _check_adapter_finite(reinforce, "reinforce")
     check_output_location(opts.out, [base_ref.folder, user_folder, reinforce_folder], opts.overwrite)
     with atomic_output(opts.out) as tmp:
         if opts.as_adapter:
@@ -69,8 +106,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
             with ShardedWriter(tmp, ShardPlan.build(specs, opts.shard_size),
                                {"deltafix_version": __version__, "deltafix_method": "qr-merge"}) as writer:
                 for spec in tqdm(specs, desc="merge-lora", unit="tensor", disable=None if opts.progress else True):
-                    value = merged_tensor(spec.name, base.get(spec.name), user, reinforce, opts.alpha, opts.scale)
-                    writer.add(spec.name, value.to(spec.dtype))
+                    writer.add(spec.name, _merged(spec.name, base, user, reinforce, opts, spec.dtype))
                 writer.finish()
             copy_assets([user_folder, base_ref.folder], tmp)
         report = {

@@ -254,7 +254,7 @@ def _repair_adapter_into(opts: RepairOptions, method: Method, inputs: Inputs, pl
     unaligned = inputs.readers["unaligned"]
     assert isinstance(unaligned, CheckpointReader)
     factors, modules = repair_adapter_factors(method, opts.params, finetuned.adapter, finetuned.base, unaligned,
-                                              device, opts.progress)
+                                              device, opts.progress, check_finite=not opts.allow_nonfinite)
     with atomic_output(opts.out) as tmp:
         finetuned.adapter.write(tmp, factors)
         copy_assets([inputs.finetuned.folder], tmp)

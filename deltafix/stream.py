@@ -59,8 +59,38 @@ def all_finite(tensor: torch.Tensor, reduced: float | None = None) -> bool:
     return math.isfinite(tensor.sum() if reduced is None else reduced) or bool(torch.isfinite(tensor).all())
 
 
-def _nonfinite(name: str) -> InputError:
-    return InputError(f"the fine-tune's tensor {name!r} contains NaN or Inf; fix it or pass --allow-nonfinite.")
+class NonFiniteOutputError(RuntimeError):
+    """A repaired tensor holds NaN/Inf although its inputs were finite and the parameters validated:
+    a deltafix bug or a float overflow, never a result to publish. Not a ``DeltafixError``, so the
+    CLI reports it as an internal error, and raised before OUT is published."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the repaired tensor {name!r} came out with NaN or Inf from finite inputs; "
+                         "nothing was published")
+
+
+def nonfinite_input(name: str, role: str = "finetuned") -> InputError:
+    """The refusal of an input tensor holding NaN/Inf; ``--allow-nonfinite`` covers only F's."""
+    if role == "finetuned":
+        return InputError(f"the fine-tune's tensor {name!r} contains NaN or Inf; fix it or pass --allow-nonfinite.")
+    model = {"aligned": "aligned model", "unaligned": "unaligned model"}.get(role, role)
+    return InputError(f"the {model}'s tensor {name!r} contains NaN or Inf; fix or re-download that checkpoint "
+                      "(--allow-nonfinite covers the fine-tune only).")
+
+
+def check_output(name: str, tensor: torch.Tensor, reduced: float | None = None) -> None:
+    """Raise ``NonFiniteOutputError`` unless ``tensor`` (a repaired output) is finite; ``reduced`` as
+    in ``all_finite``, e.g. ``‖R − A‖²`` computed on ``tensor``'s exact values."""
+    if not all_finite(tensor, reduced):
+        raise NonFiniteOutputError(name)
+
+
+def _rounded_reduction(out: torch.Tensor, after: float) -> float | None:
+    """``after`` (``‖R − A‖²`` on R in fp32) as the finite check of ``out``, R rounded to its dtype,
+    where that holds: for fp32 it is R itself, and a bf16 rounding that overflows needs R − A above
+    2^119 (half an ulp at bf16's top), whose square already overflows fp32. fp16 overflows at
+    65520, so its outputs are checked elementwise (None)."""
+    return None if out.dtype == torch.float16 else after
 
 
 def _load(reader: Reader, name: str, device: torch.device) -> torch.Tensor:
@@ -76,7 +106,12 @@ def _on_device(source: HessianStore | None, spec: PlannedTensor,
 
 def _weights(readers: dict[str, Reader], plan: Plan, device: torch.device, check_finite: bool,
              hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
-    """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows."""
+    """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows.
+
+    Every input is checked for NaN/Inf as it is loaded, before a method can turn it into a
+    misleading failure (a NaN Hessian solve says "increase damp"); ``check_finite`` governs F's
+    check only, which ``--allow-nonfinite`` turns off.
+    """
     safety = hessians.safety if hessians is not None else None
     utility = hessians.utility if hessians is not None else None
     a, f = readers["aligned"], readers["finetuned"]
@@ -84,15 +119,21 @@ def _weights(readers: dict[str, Reader], plan: Plan, device: torch.device, check
     for spec in plan.tensors:
         finetuned = _load(f, spec.name, device)
         if check_finite and not all_finite(finetuned):
-            raise _nonfinite(spec.name)
+            raise nonfinite_input(spec.name)
+        aligned = _load(a, spec.aligned_name, device)
+        if not all_finite(aligned):
+            raise nonfinite_input(spec.aligned_name, "aligned")
+        unaligned = _load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None
+        if unaligned is not None and not all_finite(unaligned):
+            raise nonfinite_input(spec.unaligned_name, "unaligned")
         grown = finetuned[-spec.grown_rows:] if spec.grown_rows else None
         if spec.grown_rows:
             finetuned = finetuned[: -spec.grown_rows]
         yield spec, WeightTensors(
             name=spec.name,
-            aligned=_load(a, spec.aligned_name, device),
+            aligned=aligned,
             finetuned=finetuned,
-            unaligned=_load(p, spec.unaligned_name, device) if p is not None and spec.unaligned_name else None,
+            unaligned=unaligned,
             is_linear=spec.is_linear,
             hessian=_on_device(safety, spec, device),
             utility_hessian=_on_device(utility, spec, device),
@@ -164,9 +205,9 @@ class PieceStream:
                 spec: PlannedTensor, check_finite: bool, fused: FusedFn | None) -> tuple[float, float]:
         """Repair elements ``start .. stop`` into ``flat``; squared delta norms before/after.
 
-        A decoder Linear's finite check rides on its ``‖F − A‖`` (NaN and Inf propagate into it);
-        the exact check runs only when that norm is not finite. The method's fused kernel, when it
-        takes these inputs, does the whole window in one pass; else it goes piece by piece.
+        The finite checks ride on the two norms each stretch yields anyway (``_check_stretch``).
+        The method's fused kernel, when it takes these inputs, does the whole window in one pass;
+        else it goes piece by piece.
         """
         kept = min(stop, self.readers["aligned"].info(spec.aligned_name).numel)
         names = {"aligned": spec.aligned_name,
@@ -177,9 +218,11 @@ class PieceStream:
         if fused is not None and kept > start:
             norms = fused(finetuned[:kept - start], inputs["aligned"], inputs.get("unaligned"), flat[start:kept])
             if norms is not None:
+                _check_stretch(spec, check_finite, norms, finetuned[:kept - start], inputs, flat[start:kept],
+                               _rounded_reduction(flat, norms[1]))
                 grown = finetuned[kept - start:]  # F's extra vocabulary rows, copied as they are
-                if check_finite and not (all_finite(finetuned[:kept - start], norms[0]) and all_finite(grown)):
-                    raise _nonfinite(spec.name)
+                if check_finite and not all_finite(grown):
+                    raise nonfinite_input(spec.name)
                 flat[kept:stop].copy_(grown)
                 return norms
         return self._pieces(start, stop, kept, flat, finetuned, inputs, method, params, spec, check_finite)
@@ -193,29 +236,46 @@ class PieceStream:
         for lo in range(start, stop, self.piece):
             hi = min(lo + self.piece, stop)
             f = buf.load("finetuned", finetuned[lo - start:hi - start])
-            if check_finite and not spec.is_linear and not all_finite(f):
-                raise _nonfinite(spec.name)
             n_kept = max(0, min(hi, kept) - lo)  # beyond: F's extra vocabulary rows, copied as they are
             if n_kept:
-                weight = WeightTensors(
-                    name=spec.name,
-                    aligned=buf.load("aligned", inputs["aligned"][lo - start:lo - start + n_kept]),
-                    finetuned=f[:n_kept],
-                    unaligned=(buf.load("unaligned", inputs["unaligned"][lo - start:lo - start + n_kept])
-                               if "unaligned" in inputs else None),
-                    is_linear=spec.is_linear,
-                )
-                if spec.is_linear:
-                    moved = torch.dist(weight.finetuned, weight.aligned).item() ** 2
-                    if check_finite and not all_finite(f, moved):
-                        raise _nonfinite(spec.name)
-                    before += moved
+                loaded = {role: buf.load(role, inputs[role][lo - start:lo - start + n_kept]) for role in inputs}
+                weight = WeightTensors(name=spec.name, aligned=loaded["aligned"], finetuned=f[:n_kept],
+                                       unaligned=loaded.get("unaligned"), is_linear=spec.is_linear)
+                moved = torch.dist(weight.finetuned, weight.aligned).item() ** 2
                 result = method.repair(weight, params, None).tensor
+                changed = torch.dist(result, weight.aligned).item() ** 2
+                out = flat[lo:lo + n_kept]
+                out.copy_(result)
+                _check_stretch(spec, check_finite, (moved, changed), weight.finetuned, loaded, out,
+                               changed if out.dtype == torch.float32 else None)
                 if spec.is_linear:
-                    after += torch.dist(result, weight.aligned).item() ** 2
-                flat[lo:lo + n_kept].copy_(result)
+                    before += moved
+                    after += changed
+            if check_finite and not all_finite(f[n_kept:]):
+                raise nonfinite_input(spec.name)
             flat[lo + n_kept:hi].copy_(f[n_kept:])
         return before, after
+
+
+def _check_stretch(spec: PlannedTensor, check_finite: bool, norms: tuple[float, float], finetuned: torch.Tensor,
+                   inputs: dict[str, torch.Tensor], out: torch.Tensor, out_reduced: float | None) -> None:
+    """NaN/Inf checks of one stretch of a weight, from ``(‖F − A‖², ‖R − A‖²)`` on it.
+
+    NaN and Inf propagate into the norms, so an elementwise check runs only when one is not
+    finite (or overflowed): ``‖F − A‖`` covers F and A, ``‖R − A‖`` covers P (through R) and R.
+    ``out`` is R as written, ``out_reduced`` a reduction that covers it exactly, if any. P is not
+    looked at where the method does not read it (RESTA at scale 0 returns F).
+    """
+    before, after = norms
+    if not math.isfinite(before):
+        if check_finite and not all_finite(finetuned):
+            raise nonfinite_input(spec.name)
+        if not all_finite(inputs["aligned"]):
+            raise nonfinite_input(spec.aligned_name, "aligned")
+    if not math.isfinite(after) and "unaligned" in inputs and not all_finite(inputs["unaligned"]):
+        raise nonfinite_input(spec.unaligned_name or spec.name, "unaligned")
+    if check_finite:
+        check_output(spec.name, out, out_reduced)
 
 
 def _piece_stream(method: Method, params: MethodParams, readers: dict[str, CheckpointReader], plan: Plan,
@@ -288,7 +348,11 @@ def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, Re
             repaired = method.repair(weight, params, state)
             tensor = repaired.tensor if grown is None else torch.cat([repaired.tensor, grown])
             stats = _module_stats(weight, repaired) if spec.is_linear else None
-            yield spec, tensor.to(device="cpu", dtype=spec.dtype), stats
+            tensor = tensor.to(device="cpu", dtype=spec.dtype)
+            if check_finite:  # a linear's ‖R − A‖ covers the fp32 R (F's grown rows were checked as F)
+                exact = stats is not None and spec.dtype == torch.float32
+                check_output(spec.name, tensor, stats["delta_norm_after"] if exact else None)
+            yield spec, tensor, stats
     finally:
         if sequential is not None:
             state.close()

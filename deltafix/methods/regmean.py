@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import torch
 from pydantic import Field
 
-from deltafix.errors import OptionError
+from deltafix.errors import InputError, OptionError
 from deltafix.methods.registry import (
     AutoTuneParams,
     Method,
@@ -91,6 +91,9 @@ def regmean_merge(
 
 def _factor(M: torch.Tensor, damp: float) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(M)
+    if info.item() != 0 and not bool(torch.isfinite(M).all()):  # no damping repairs NaN/Inf
+        raise InputError("H_s + mu·H_u contains NaN or Inf: a model's activations on the calibration data "
+                         "overflow; check the models' weights and the calibration data.")
     if info.item() != 0:
         raise OptionError(
             f"H_s + mu·H_u is not positive definite after damping (damp={damp}); "

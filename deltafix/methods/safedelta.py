@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from deltafix import kernels
-from deltafix.errors import OptionError
+from deltafix.errors import InputError, OptionError
 from deltafix.methods.registry import AutoTuneParams, Method, Repaired, TuneSpec, WeightTensors, register
 from deltafix.methods.stats import delta_norms
 
@@ -101,6 +101,9 @@ def hessian_inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
         Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info.item() == 0:
             return Hinv
+    if not bool(torch.isfinite(H).all()):  # no damping repairs NaN/Inf: say where it comes from
+        raise InputError("a safety Hessian contains NaN or Inf: the aligned model's activations on the safety data "
+                         "overflow; check that model's weights.")
     raise OptionError(
         f"a safety Hessian is not positive definite after damping (damp={damp}); "
         "increase damp, e.g. --set damp=0.1."

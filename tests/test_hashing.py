@@ -54,10 +54,12 @@ def test_a_file_longer_than_one_chunk_hashes_whole(tmp_path: Path, monkeypatch: 
     assert sha256_file(path) == hashlib.sha256(b"").hexdigest()
 
 
-def test_files_hashed_on_many_threads_are_all_remembered(tmp_path: Path) -> None:
+def test_files_hashed_on_many_threads_are_all_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from deltafix.io import hashing
+
+    monkeypatch.setattr(hashing, "RACY_NS", 0)  # the files are seconds old at most: remember them anyway
 
     files = []
     for i in range(24):
@@ -68,3 +70,30 @@ def test_files_hashed_on_many_threads_are_all_remembered(tmp_path: Path) -> None
     assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     memo = hashing._load_memo()
     assert [memo.get(hashing._memo_key(f)) for f in files] == digests
+
+
+def test_a_same_size_rewrite_with_the_old_mtime_is_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Size and mtime can be kept on purpose (``touch -d``, ``rsync -t``) or by chance (one clock
+    tick); the inode's ctime cannot, so the memo does not return the old content's hash."""
+    from deltafix.io import hashing
+
+    monkeypatch.setattr(hashing, "RACY_NS", 0)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 4096)
+    old = path.stat()
+    assert file_sha256(path) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert hashing._memo_key(path) in hashing._load_memo()
+    with path.open("r+b") as fh:  # same inode, same size
+        fh.write(b"b" * 4096)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert file_sha256(path) == hashlib.sha256(b"b" * 4096).hexdigest()
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path: Path) -> None:
+    """Within RACY_NS of its last change a file might change again inside one timestamp tick."""
+    from deltafix.io import hashing
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(1024))
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashing._memo_key(path) not in hashing._load_memo()

@@ -1,7 +1,12 @@
-"""sha256 of input files for the report and cache keys, remembered by (path, size, mtime).
+"""sha256 of input files for the report and cache keys, remembered by the file's identity.
 
 Hashing a 13 GB checkpoint takes tens of seconds; the result is stored in a small JSON file in
-the deltafix cache so later runs on the same unchanged files skip it.
+the deltafix cache so later runs on the same unchanged files skip it. A memo that returned a
+stale hash would put a wrong sha256 in the report, so the key is the path with the inode, size,
+mtime and ctime in nanoseconds (ctime cannot be set back by a user), and a file changed less than
+``RACY_NS`` before it was hashed is not remembered at all: timestamps advance in clock ticks,
+and a same-size rewrite within one tick would otherwise keep every part of the key (git's
+"racily clean" entries, handled the same way).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import mmap
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 from deltafix.paths import cache_root
@@ -20,6 +26,9 @@ _MEMO_LOCK = threading.Lock()
 """A repair hashes its input files on several threads, and each adds its result to the memo."""
 CHUNK = 16 * 1024 * 1024
 """Bytes hashed per memory map; a multiple of every platform's map offset granularity."""
+RACY_NS = 2_000_000_000
+"""A file whose ctime is this close to the start of its hashing is hashed but not remembered
+(2 s: coarser than any filesystem's timestamp tick, FAT's included)."""
 
 
 def _memo_path() -> Path:
@@ -34,9 +43,9 @@ def _load_memo() -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _memo_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+def _memo_key(path: Path, st: os.stat_result | None = None) -> str:
+    st = path.stat() if st is None else st
+    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 def sha256_file(path: Path) -> str:
@@ -70,16 +79,24 @@ def hub_blob_sha256(path: Path) -> str | None:
 
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a (large, read-only) file: the Hub cache's blob name when it has one, else
-    reused from the memo while size and mtime are unchanged, as ``make`` and ``rsync`` judge files."""
+    reused from the memo while the file's identity (``_memo_key``) is unchanged.
+
+    The hash is remembered only if the file did not change while it was read and had not
+    changed for ``RACY_NS`` before (see the module doc).
+    """
     blob = hub_blob_sha256(path)
     if blob is not None:
         return blob
-    key = _memo_key(path)
+    started = time.time_ns()
+    before = path.stat()
+    key = _memo_key(path, before)
     memo = _load_memo()
     if key in memo:
         return memo[key]
     value = sha256_file(path)
-    _remember(key, value)
+    settled = max(before.st_ctime_ns, before.st_mtime_ns) < started - RACY_NS
+    if settled and _memo_key(path) == key:
+        _remember(key, value)
     return value
 
 

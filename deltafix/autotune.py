@@ -1,8 +1,9 @@
-"""Budget auto-tune: pick the largest ``scale`` (Safe Delta) or ``mu`` (RegMean) that is safe enough.
+"""``auto`` for a method's main knob: the value nearest the fine-tune that is still safe enough.
 
-Each probe repairs the fine-tune in memory with the cached Hessians, loads the result into one
-model held on the compute device, and measures the attack success rate on the tune prompts;
-bisection over a log grid needs about log2(grid) + 2 probes. The tune prompts default to the
+Every method's knob (Safe Delta's scale, RegMean's μ, RESTA's b, AsFT's λ, Safe LoRA's k) is
+searched the same way (``TuneSpec``): each probe repairs the fine-tune in memory, loads the
+result into one model held on the compute device, and measures the attack success rate on the
+tune prompts; bisection over the knob's grid needs about log2(grid) + 2 probes. The tune prompts default to the
 built-in ``harmful_tune.jsonl``, kept apart from the calibration prompts (the Hessians were built on
 those, so a repair refuses them more easily than new ones: tuning on them overshoots) and from
 the eval prompts (so the reported ASR stays held out).
@@ -11,6 +12,7 @@ the eval prompts (so the reported ASR stays held out).
 from __future__ import annotations
 
 import json
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +22,7 @@ import torch
 from deltafix.errors import InputError
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
-from deltafix.search import largest_passing, log_grid
+from deltafix.search import largest_passing
 
 AsrFn = Callable[[torch.nn.Module, list[str]], float]
 
@@ -56,34 +58,44 @@ def tune_prompts(path: str | Path | None) -> list[str]:
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
-             asr_of: AsrFn) -> tuple[AutoTuneParams, dict[str, Any]]:
-    """Resolve ``auto`` to the largest grid value whose repaired model has ASR ≤ ``target_asr``.
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None) -> tuple[AutoTuneParams, dict[str, Any]]:
+    """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
-    ``model`` (in place) for each probe. When even the smallest value fails the target, the
-    smallest is used and the record says the target was missed.
+    ``model`` (in place) for each probe. ``echo`` gets one line per probe (value, tune ASR,
+    seconds). When even the safest value fails the target, the safest is used and the record
+    says the target was missed.
     """
     assert method.tune is not None
     spec = method.tune
     target = params.target_asr
+    seconds: list[float] = []
 
     def probe(value: float) -> tuple[bool, float]:
-        state = repaired(params.model_copy(update={spec.param: value}))
+        start = time.perf_counter()
+        knob = int(value) if spec.integer else value
+        state = repaired(params.model_copy(update={spec.param: knob}))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise RuntimeError(f"repaired tensors do not fit the model: {unexpected[:3]}")
         asr = asr_of(model, prompts)
+        seconds.append(round(time.perf_counter() - start, 2))
+        echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
+             f"({'meets' if asr <= target else 'misses'} {target}) in {seconds[-1]:.1f}s")
         return asr <= target, asr
 
-    grid = log_grid(spec.low, spec.high, spec.per_decade)
+    grid = spec.grid()
     search = largest_passing(grid, probe)
     chosen = search.value if search.value is not None else grid[0]
+    if spec.integer:
+        chosen = int(chosen)
     record = {
         "param": spec.param,
         "target_asr": target,
         "chosen": chosen,
         "met_target": search.value is not None,
         "n_prompts": len(prompts),
-        "probes": [{"value": v, "passed": ok, "asr": asr} for v, ok, asr in search.probes],
+        "probes": [{"value": v, "passed": ok, "asr": asr, "seconds": t}
+                   for (v, ok, asr), t in zip(search.probes, seconds)],
     }
     return params.model_copy(update={spec.param: chosen}), record

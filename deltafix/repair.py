@@ -186,7 +186,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
 
 def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
                   hessians: Hessians) -> tuple[MethodParams, dict[str, Any] | None]:
-    """Replace ``auto`` (Safe Delta's scale, RegMean's mu) by the largest value meeting ``target_asr``.
+    """Replace a method's ``auto`` knob by the value nearest F that meets ``target_asr`` (see ``autotune``).
 
     The search holds one model in memory: each probe loads a repaired state dict into it and
     generates on the tune prompts (see ``autotune``).
@@ -211,7 +211,8 @@ def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
     def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> float:
         return float(evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False).asr)
 
-    return autotune(method, opts.params, model, repaired, prompts, asr_of)
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
+    return autotune(method, opts.params, model, repaired, prompts, asr_of, echo)
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,

@@ -1,8 +1,8 @@
-"""Find the largest value on a log grid that still passes a check, by bisection.
+"""Find the last value of an ordered grid that still passes a check, by bisection.
 
-Used by the budget auto-tune of Safe Delta (``scale``) and RegMean (``mu``): a larger value keeps
-more of the fine-tune and is less safe, so "passes the target ASR" is assumed monotone
-(true at small values, false at large ones); each probe costs one in-memory repair and eval.
+Used by every method's ``auto`` knob: the grid runs from the safest value to the one that keeps
+most of the fine-tune, so "passes the target ASR" is assumed monotone (true at the start, false
+at the end); each probe costs one in-memory repair and eval.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def log_grid(low: float, high: float, per_decade: int) -> list[float]:
 
 
 def largest_passing(grid: list[float], probe: Callable[[float], tuple[bool, float]]) -> SearchResult:
-    """Bisection over the sorted ``grid`` for the last value whose ``probe`` passes.
+    """Bisection over the ordered ``grid`` for the last value whose ``probe`` passes.
 
     ``probe(value) -> (passed, score)``; ``score`` (e.g. the ASR) is only recorded. Takes about
     ``log2(len(grid)) + 2`` probes.

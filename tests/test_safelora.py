@@ -135,8 +135,10 @@ def test_exact_projector_is_identity_for_full_rank_square_weights():
 
 def test_params_validate():
     assert SafeLoraParams().model_dump() == {
-        "select": "number", "k": 10, "threshold": 0.5, "projector": "reference"
+        "select": "number", "k": 10, "threshold": 0.5, "projector": "reference", "target_asr": 0.05,
+        "tune_prompts": None,
     }
+    assert SafeLoraParams(k="auto").k == "auto"
     for bad in ({"select": "top"}, {"k": -1}, {"threshold": 2.0}, {"projector": "p"}, {"rank": 3}):
         with pytest.raises(ValidationError):
             SafeLoraParams(**bad)

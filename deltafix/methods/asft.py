@@ -25,7 +25,7 @@ stays an adapter with ``B ← M B`` (``alignment_operator(...).apply(B)``).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -35,15 +35,16 @@ from deltafix.methods.projectors import (
     exact_projector,
     reference_eigen,
 )
-from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTensors, register
+from deltafix.methods.registry import AutoTuneParams, Method, Repaired, TuneSpec, WeightTensors, register
 
 UNIT_EIGENVALUE_TOL = 1e-5
 
 
-class AsftParams(MethodParams):
-    lam: float = Field(
-        100.0, ge=0.0, allow_inf_nan=True,
-        description="λ: weight of the off-alignment penalty; inf = hard projection. 100 from the testbed sweep.",
+class AsftParams(AutoTuneParams):
+    lam: Annotated[float, Field(ge=0.0, allow_inf_nan=True)] | Literal["auto"] = Field(
+        100.0,
+        description="λ: weight of the off-alignment penalty; inf = hard projection; "
+        "'auto' = the smallest λ meeting target_asr on the tune prompts.",
     )
     projector: Literal["exact", "reference"] = Field(
         "reference",
@@ -144,5 +145,6 @@ register(
         repair=_repair,
         needs_unaligned=True,
         lora_b=_lora_b,
+        tune=TuneSpec("lam", 0.1, 1e4, per_decade=3, safer="higher"),
     )
 )

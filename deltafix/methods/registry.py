@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltafix.errors import OptionError
+from deltafix.search import log_grid
 
 
 class MethodParams(BaseModel):
@@ -88,13 +89,27 @@ class Repaired:
 
 @dataclass(frozen=True)
 class TuneSpec:
-    """A parameter that accepts ``auto``: searched on a log grid from ``low`` to ``high`` for the
-    largest value whose repaired model meets ``target_asr`` (larger keeps more of the fine-tune)."""
+    """A parameter that accepts ``auto``, searched on a log grid from ``low`` to ``high``.
+
+    ``safer`` says which end repairs more: ``lower`` for budgets (Safe Delta's scale, RegMean's
+    μ: smaller keeps less of the fine-tune), ``higher`` for strengths (RESTA's b, AsFT's λ, Safe
+    LoRA's k). ``auto`` picks the value nearest the fine-tune that still meets ``target_asr``.
+    ``integer`` rounds the grid (module counts).
+    """
 
     param: str
     low: float
     high: float
     per_decade: int = 3
+    safer: Literal["lower", "higher"] = "lower"
+    integer: bool = False
+
+    def grid(self) -> list[float]:
+        """Candidate values from the safest to the one that keeps most of the fine-tune."""
+        values = log_grid(self.low, self.high, self.per_decade)
+        if self.integer:
+            values = sorted({float(round(v)) for v in values})
+        return values if self.safer == "lower" else values[::-1]
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import functools
 import zlib
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from deltafix import kernels
-from deltafix.methods.registry import FusedFn, Method, MethodParams, Repaired, WeightTensors, register
+from deltafix.methods.registry import AutoTuneParams, FusedFn, Method, Repaired, TuneSpec, WeightTensors, register
 
 
-class RestaParams(MethodParams):
-    scale: float = Field(0.5, ge=0.0, description="b: weight of the alignment direction θ_A − θ_P (sweep 0.2–1).")
+class RestaParams(AutoTuneParams):
+    scale: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        0.5, description="b: weight of the alignment direction θ_A − θ_P (sweep 0.2–1); "
+        "'auto' = the smallest b meeting target_asr on the tune prompts.")
     dare: float = Field(0.0, ge=0.0, lt=1.0, description="p: DARE drop rate on the fine-tune delta (0 = off).")
     seed: int = Field(0, description="seed of the DARE masks (per tensor: seed and tensor name).")
 
@@ -87,5 +90,6 @@ register(
         needs_unaligned=True,
         elementwise=_elementwise,
         fused=_fused,
+        tune=TuneSpec("scale", 0.05, 2.0, per_decade=6, safer="higher"),
     )
 )

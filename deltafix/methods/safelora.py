@@ -22,21 +22,23 @@ fine-tune δ = s B A, ``lora_cosine`` gives the same cosine from the factors and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Annotated, Iterable, Literal
 
 import torch
 from pydantic import Field
 
 from deltafix.methods.projectors import AlignmentOperator, GramProjector, exact_projector
-from deltafix.methods.registry import Method, MethodParams, Repaired, WeightTensors, register
+from deltafix.methods.registry import AutoTuneParams, Method, Repaired, TuneSpec, WeightTensors, register
 
 
-class SafeLoraParams(MethodParams):
+class SafeLoraParams(AutoTuneParams):
     select: Literal["number", "threshold"] = Field(
         "number",
         description="number: project the k lowest-cosine modules; threshold: all with cos ≤ threshold.",
     )
-    k: int = Field(10, ge=0, description="modules to project with select: number.")
+    k: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        10, description="modules to project with select: number; 'auto' = the fewest meeting target_asr "
+        "on the tune prompts.")
     threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine limit with select: threshold.")
     projector: Literal["reference", "exact"] = Field(
         "reference",
@@ -137,5 +139,6 @@ register(
         survey=_survey,
         needs_unaligned=True,
         lora_b=_lora_b,
+        tune=TuneSpec("k", 1, 512, per_decade=6, safer="higher", integer=True),
     )
 )

@@ -37,6 +37,7 @@ from deltafix.hessians import (
 )
 from deltafix.io.hashing import file_sha256, sha256_file
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
+from deltafix.io.staging import StagingFolder
 from deltafix.paths import hessian_cache_dir
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class HessianStore:
         *,
         from_cache: bool,
         rebuilt_reason: str | None = None,
-        owner: tempfile.TemporaryDirectory[str] | None = None,
+        owner: StagingFolder | None = None,
     ) -> None:
         self.entry = entry
         self.manifest = manifest
@@ -262,8 +263,9 @@ def hessians_for(
 ) -> HessianStore:
     """The Hessians of the model in ``folder`` on ``data``: from the cache, or captured and cached.
 
-    ``no_cache`` neither reads nor writes the cache: H go to a private temporary folder that
-    ``HessianStore.close`` deletes. ``progress(done, total)`` is called after each layer computed.
+    ``no_cache`` neither reads nor writes the cache: H go to a private staging folder under
+    ``$TMPDIR`` (``StagingFolder``) that ``HessianStore.close`` deletes. ``progress(done, total)``
+    is called after each layer computed.
     """
     skeleton = build_skeleton(folder)
     shapes = hessian_shapes(skeleton)
@@ -271,8 +273,12 @@ def hessians_for(
     options = {"device": device, "dtype": dtype, "batch_size": batch_size, "progress": progress, "n_layers": n_layers,
                "source": source}
     if no_cache:
-        owner = tempfile.TemporaryDirectory(prefix="deltafix-hessians-")
-        work, manifest = _build_entry(Path(owner.name), "uncached", folder, data, **options)
+        owner = StagingFolder()
+        try:
+            work, manifest = _build_entry(owner.path, "uncached", folder, data, **options)
+        except BaseException:
+            owner.cleanup()
+            raise
         return HessianStore(work, manifest, from_cache=False, owner=owner)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:

@@ -25,6 +25,7 @@ from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
+from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.lora_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
 from deltafix.stream import all_finite, check_output, nonfinite_input
@@ -97,6 +98,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
     _check_adapter_finite(user, "user")
     _check_adapter_finite(reinforce, "reinforce")
     check_output_location(opts.out, [base_ref.folder, user_folder, reinforce_folder], opts.overwrite)
+    remove_stale(opts.out)
     with atomic_output(opts.out) as tmp:
         if opts.as_adapter:
             merge_adapters(user, reinforce, opts.alpha, opts.scale).write(tmp)

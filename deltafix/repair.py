@@ -6,6 +6,7 @@ compute device, and only the writer touches OUT (through a temporary folder).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -30,6 +31,7 @@ from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import ResolvedRef, resolve_ref
+from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, get_method
 from deltafix.plan import Plan, build_plan
@@ -160,6 +162,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     if opts.dry_run:
         return result
 
+    remove_stale(opts.out)
     hasher = ThreadPoolExecutor(max_workers=min(MAX_HASH_THREADS, usable_cores()), thread_name_prefix="deltafix-sha256")
     try:
         digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
@@ -230,7 +233,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
     stream = repaired_tensors(method, opts.params, inputs.readers, plan, device,
                               check_finite=not opts.allow_nonfinite, hessians=hessians, progress=opts.progress)
     with atomic_output(opts.out) as tmp:
-        with ShardedWriter(tmp, shards, metadata) as writer:
+        with ShardedWriter(tmp, shards, metadata) as writer, contextlib.closing(stream):
             for spec, tensor, stats in stream:
                 writer.add(spec.name, tensor)
                 if stats is not None:

@@ -25,7 +25,6 @@ result depends on the method's parameters, so nothing is cached.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,25 +50,28 @@ from deltafix.hessians import (
     run_layer,
 )
 from deltafix.io.reader import CheckpointReader
+from deltafix.io.staging import StagingFolder
 from deltafix.methods.registry import ShiftedGrams
 
 SolveFn = Callable[[torch.Tensor, torch.Tensor, ShiftedGrams], torch.Tensor]
 
 
 class SolvedWeights:
-    """The solved weights (fp32, CPU) in a private temporary folder, one safetensors file per step."""
+    """The solved weights (fp32, CPU) in a private staging folder under ``$TMPDIR``, one
+    safetensors file per step: about 4 bytes a parameter, so the folder is named by its owner
+    (``StagingFolder``) and a run killed outright has it removed by the next."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="deltafix-sequential-")
+        self._dir = StagingFolder()
         self._files: dict[str, Path] = {}
 
     def add(self, step: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = Path(self._dir.name) / f"{step}.safetensors"
+        path = self._dir.path / f"{step}.safetensors"
         try:
             path.write_bytes(save({name: t.contiguous() for name, t in tensors.items()}))
         except OSError as err:
             raise OutputError(
-                f"cannot stage solved weights in {self._dir.name} ({err.strerror or err}); "
+                f"cannot stage solved weights in {self._dir.path} ({err.strerror or err}); "
                 "point TMPDIR at a disk with about 4 bytes per model parameter free."
             ) from err
         self._files.update(dict.fromkeys(tensors, path))

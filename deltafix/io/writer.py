@@ -2,9 +2,9 @@
 
 The shard layout is planned from headers before any data is computed (so ``--dry-run`` can show
 it), each shard file is written once, front to back, as its tensors arrive, and the whole folder is
-built under ``<parent of OUT>/.deltafix-tmp-*`` and renamed into place only after every shard
-re-opens with the planned names, shapes and dtypes. A crash, Ctrl-C or full disk leaves OUT as it
-was and removes the temporary folder.
+built under ``<parent of OUT>/.deltafix-tmp-<pid>-*`` (``staging``) and renamed into place only
+after every shard re-opens with the planned names, shapes and dtypes. A crash, Ctrl-C or full disk
+leaves OUT as it was and removes the temporary folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import struct
-import tempfile
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.reader import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
+from deltafix.io.staging import OLD_PREFIX, TMP_PREFIX, make_staging
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -90,9 +91,15 @@ class ShardPlan:
         return max(sum(s.nbytes for s in shard) for shard in self.shards)
 
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Write errors that mean the output does not fit (device full, quota, file size limit)."""
+
+
 def _disk_error(err: OSError, where: Path) -> OutputError:
     if err.errno == errno.ENOSPC:
         return OutputError(f"no space left on the device while writing {where}; free space and run again.")
+    if err.errno in DISK_FULL:
+        return OutputError(f"cannot write {where}: {err.strerror or err}; free space or raise the limit and run again.")
     return OutputError(f"cannot write {where}: {err.strerror or err}.")
 
 
@@ -238,26 +245,31 @@ def _fsync_tree(folder: Path) -> None:
 
 @contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+    """Yield a staging folder beside ``out``; on success it replaces ``out`` in one rename.
 
-    On any exception (including KeyboardInterrupt) the temporary folder is removed and ``out``
-    is left exactly as it was.
+    On any exception (KeyboardInterrupt and a signal handler's exception included) the staging
+    folder is removed and ``out`` is left exactly as it was. A full disk or quota while the
+    output is built (shards, report, card) is an ``OutputError``. An existing ``out`` is moved
+    aside into a holder folder first and moved back if the new one cannot take its place; the
+    names say whose they are, so a run killed mid-way is cleaned up by the next (``staging``).
     """
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".deltafix-tmp-", dir=parent))
+        tmp = make_staging(parent, TMP_PREFIX)
     except OSError as err:
         raise _disk_error(err, parent) from err
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise _disk_error(err, out) from err
         try:
             _fsync_tree(tmp)
             if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=".deltafix-old-", dir=parent))
-                os.replace(out, old / "previous")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+                _replace(tmp, out, parent)
             else:
                 os.replace(tmp, out)
         except OSError as err:
@@ -265,3 +277,27 @@ def atomic_output(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace(new: Path, out: Path, parent: Path) -> None:
+    """Put ``new`` in the place of the existing ``out``: two renames, undone if the second fails
+    or is interrupted, so ``out`` is never left missing by this process."""
+    holder = make_staging(parent, OLD_PREFIX)
+    previous = holder / out.name
+    try:
+        os.replace(out, previous)
+    except BaseException:
+        _remove_empty(holder)
+        raise
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(previous, out)  # should this fail too, the next run's ``remove_stale`` restores it
+        _remove_empty(holder)
+        raise
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+def _remove_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()

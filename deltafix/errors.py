@@ -23,3 +23,17 @@ class OutputError(DeltafixError):
 
 class OptionError(DeltafixError):
     """A command-line option or recipe value is invalid."""
+
+
+def reason(err: BaseException) -> str:
+    """A library exception as a clause for a ``DeltafixError`` message: its first line, no final period.
+
+    transformers and peft raise multi-line messages that advise options deltafix does not have
+    (``trust_remote_code=True``); the message a user sees must be one line that suggests only what
+    deltafix offers, so custom-code refusals are restated and the rest is cut to its first line.
+    """
+    text = str(err)
+    if "trust_remote_code" in text or "custom code" in text:
+        return "the model needs custom Python code from its repository, which deltafix never runs"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return first.rstrip(". ")

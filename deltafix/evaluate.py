@@ -17,19 +17,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from deltafix.errors import InputError
+from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaldata import PathLike, UtilityItems, load_prompts, load_utility
+from deltafix.io.lora import parse_adapter_config
 
 DATA_DIR = Path(__file__).parent / "data"
 BUILTIN_HARMFUL = DATA_DIR / "harmful_eval.jsonl"
@@ -134,6 +136,34 @@ class EvalResult:
         return out
 
 
+def check_answers_path(path: Path) -> None:
+    """Refuse an ``--answers`` target that cannot be written, before minutes of generation are spent."""
+    if path.is_dir():
+        raise OutputError(f"--answers {path} is a folder; pass a file path such as {path / 'answers.jsonl'}.")
+    if not path.parent.is_dir():
+        raise OutputError(f"--answers {path}: the folder {path.parent} does not exist; create it or pass another path.")
+
+
+def write_answers(path: Path, results: Mapping[str, EvalResult]) -> None:
+    """Every prompt, response and verdict of ``results`` (role -> result) as JSONL, one answer a line.
+
+    A release reviewer audits what the judge decided from this file, so each line names the model's
+    role (``model``, ``reference``) next to the ``kind``, ``prompt``, ``response`` and ``refused`` or
+    ``correct`` of ``EvalResult.responses``. Written beside ``path`` and renamed into place, so a
+    reader never sees half a file.
+    """
+    lines = [json.dumps({"model": role, **record}, ensure_ascii=False)
+             for role, result in results.items() for record in result.responses]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the answers file {path}: {err.strerror or reason(err)}; "
+                         "pass another --answers path.") from err
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if device == "auto":
@@ -155,14 +185,15 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
     dev = resolve_device(device)
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
-        base_ref = str(base) if base is not None else _adapter_base(adapter_config)
+        config = parse_adapter_config(folder)
+        base_ref = str(base) if base is not None else _adapter_base(config, adapter_config)
         model = _load_model(base_ref, dev)
         try:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-        except (OSError, ValueError, KeyError) as err:
-            raise InputError(f"cannot apply the adapter in {folder} to {base_ref}: {err}") from err
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(f"cannot apply the adapter in {folder} to {base_ref}: {reason(err)}.") from err
         tokenizer_ref = str(folder) if _has_tokenizer(folder) else base_ref
     elif (folder / "config.json").is_file():
         model = _load_model(str(folder), dev)
@@ -170,9 +201,9 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
     else:
         raise InputError(f"{folder} is neither a checkpoint (config.json) nor a PEFT adapter (adapter_config.json).")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a tokenizer from {tokenizer_ref}: {err}") from err
+        raise InputError(f"cannot load a tokenizer from {tokenizer_ref}: {reason(err)}.") from err
     return model.eval(), tokenizer
 
 
@@ -191,14 +222,12 @@ def quiet_transformers(progress: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _adapter_base(adapter_config: Path) -> str:
-    try:
-        ref = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {adapter_config}: {err}") from err
+def _adapter_base(config: dict[str, Any], adapter_config: Path) -> str:
+    """The base model an adapter names for itself (checked by ``parse_adapter_config``)."""
+    ref = config.get("base_model_name_or_path")
     if not ref:
-        raise InputError(f"{adapter_config} names no base model; pass the base checkpoint explicitly.")
-    return str(ref)
+        raise InputError(f"{adapter_config} names no base model; pass the base checkpoint with --base.")
+    return ref
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -213,7 +242,7 @@ def _load_model(ref: str, device: torch.device) -> PreTrainedModel:
             ref, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False
         )
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a causal LM from {ref} (safetensors only): {err}") from err
+        raise InputError(f"cannot load a causal LM from {ref} (safetensors only): {reason(err)}.") from err
 
 
 def render(tokenizer: Any, prompt: str) -> str:

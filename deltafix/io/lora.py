@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltafix.errors import InputError, MismatchError, OptionError
+from deltafix.errors import InputError, MismatchError, OptionError, reason
 from deltafix.io.reader import CheckpointReader, TensorInfo, read_safetensors_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -192,7 +192,7 @@ class LoraAdapter:
     def load(cls, folder: str | Path, base: CheckpointReader | None = None) -> LoraAdapter:
         """Read ``folder``; with ``base``, resolve names against it and ``validate_against`` it."""
         folder = Path(folder)
-        config = _read_config(folder)
+        config = read_adapter_config(folder)
         weights_file = folder / WEIGHTS_NAME
         if not weights_file.is_file():
             raise InputError(
@@ -378,18 +378,39 @@ def unit_scaling_config(template: Mapping, ranks: Mapping[str, int]) -> dict:
     return config
 
 
-def _read_config(folder: Path) -> dict:
+def parse_adapter_config(folder: Path) -> dict:
+    """``folder/adapter_config.json`` as a dict whose LoRA numbers are sane; ``InputError`` otherwise.
+
+    Enough for loading the adapter with PEFT itself (evaluation); ``read_adapter_config`` adds what
+    deltafix's own merge math needs.
+    """
     path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder; pass a PEFT adapter folder.")
     if not path.is_file():
         raise InputError(f"{folder} has no {CONFIG_NAME}; pass a PEFT adapter folder (saved with save_pretrained).")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read {path}: {err}.") from err
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"cannot read {path}: {reason(err)}; re-save the adapter with PEFT.") from err
+    except RecursionError as err:
+        raise InputError(f"{path} is nested too deeply to be an adapter config; re-save the adapter with PEFT.") from err
     if not isinstance(config, dict):
-        raise InputError(f"{path} is not a JSON object.")
+        raise InputError(f"{path} is not a JSON object; re-save the adapter with PEFT.")
+    if config.get("peft_type") == "LORA":
+        if "r" not in config or "lora_alpha" not in config:
+            raise InputError(f"{path} lacks 'r' or 'lora_alpha'; re-save the adapter with PEFT.")
+        _check_values(path, config)
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise InputError(f"{path}: base_model_name_or_path must be a model id or folder name, got {base!r}; "
+                         "fix it or re-save the adapter with PEFT.")
+    return config
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """``folder/adapter_config.json`` as a dict, refused (``InputError``) unless deltafix can apply it exactly."""
+    config = parse_adapter_config(folder)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InputError(f"{folder} is a PEFT {peft_type or 'unknown-type'} adapter; only LoRA adapters are supported.")
@@ -405,9 +426,37 @@ def _read_config(folder: Path) -> dict:
             f"{folder} was saved with init_lora_weights={init!r}, which rewrites the base weights; convert it "
             "to a plain LoRA adapter first (save_pretrained with path_initial_model_for_weight_conversion)."
         )
-    if "r" not in config or "lora_alpha" not in config:
-        raise InputError(f"{path} lacks 'r' or 'lora_alpha'.")
     return config
+
+
+def _check_values(path: Path, config: Mapping) -> None:
+    """Refuse values PEFT itself would reject: deltafix computes scalings from them directly, where a
+    rank of 0 or a string alpha would surface as a division error instead of a message."""
+
+    def fail(key: str, value: object, wanted: str) -> InputError:
+        return InputError(f"{path}: {key} must be {wanted}, got {value!r}; fix it or re-save the adapter with PEFT.")
+
+    def rank(key: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail(key, value, "a positive integer")
+
+    def alpha(key: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail(key, value, "a finite number")
+
+    rank("r", config["r"])
+    alpha("lora_alpha", config["lora_alpha"])
+    for key, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise fail(key, pattern, "an object mapping module names to values")
+        for name, value in pattern.items():
+            check(f"{key}[{name!r}]", value)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise fail(key, config[key], "true or false")
 
 
 def _parse_keys(

@@ -8,6 +8,9 @@ ids only, so a repair of local folders names them in the text and leaves ``base_
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -79,6 +82,63 @@ def write_model_card(folder: Path, report: Mapping[str, Any], *, license_from: P
     path = folder / CARD_NAME
     card.save(path)
     return path
+
+
+_EMBEDDED_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])~?/[^\s'\"`,;()]+")
+
+
+def local_name(path: str) -> str:
+    """A local path as the last component of what it points to (``.`` -> the current folder's name)."""
+    return Path(path).expanduser().resolve().name or path
+
+
+def _public_token(token: str) -> str:
+    """One command-line word as published: a local path becomes its last component, in ``--opt=PATH``
+    and ``key=PATH`` forms too; Hub ids (``org/name@rev``), which exist on no local disk, stay."""
+    key, sep, value = token.partition("=")
+    if sep and not key.startswith(("/", "~", ".")):
+        return f"{key}={_public_token(value)}" if value else token
+    if token.startswith("~") or os.path.isabs(token) or (os.sep in token and Path(token).exists()):
+        return local_name(token)
+    return token
+
+
+def public_command(command: str) -> str:
+    """``command`` with every local path shortened to its last component (see ``_public_token``)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return _EMBEDDED_ABSOLUTE_PATH.sub(lambda m: local_name(m.group()), command)
+    return shlex.join(_public_token(word) for word in words)
+
+
+def public_copy(value: Any) -> Any:
+    """A deep copy of ``value`` (JSON-like) whose strings carry no absolute local path: a whole-string
+    path becomes its last component, as does a path inside a sentence."""
+    if isinstance(value, Mapping):
+        return {key: public_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_copy(item) for item in value]
+    if isinstance(value, str):
+        return _EMBEDDED_ABSOLUTE_PATH.sub(lambda m: local_name(m.group()), _public_token(value))
+    return value
+
+
+def public_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report as uploaded to the Hub: nothing of the author's disk (cache, home, output folders).
+
+    Hub inputs keep their id and revision; local inputs are named by their folder's last component;
+    the command line and every other string lose local paths the same way. Hashes, numbers and
+    module names are unchanged, so the published report still identifies the exact inputs.
+    """
+    public = public_copy({key: value for key, value in report.items() if key not in ("inputs", "command")})
+    if "command" in report:
+        public["command"] = public_command(report["command"]) if report["command"] else report["command"]
+    public["inputs"] = {
+        role: {**record, "ref": record["ref"] if record.get("repo_id") else local_name(record["ref"])}
+        for role, record in report.get("inputs", {}).items()
+    }
+    return {key: public[key] for key in report}
 
 
 def _display(record: Mapping[str, Any]) -> str:

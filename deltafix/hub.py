@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import yaml
+
 from deltafix import __version__
-from deltafix.card import CARD_NAME, write_model_card
+from deltafix.card import CARD_NAME, public_copy, public_report, write_model_card
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.refs import HUB_ID, hub_offline
 from deltafix.paths import cache_root
 from deltafix.preflight import HeaderSource, Preflight, preflight
-from deltafix.repair import REPORT_NAME, RepairOptions, run_repair
+from deltafix.repair import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
 
 GateFn = Callable[[Path], tuple[bool, dict[str, Any]]]
 """Judges a published output folder: ``(passed, table)``, the table being what the card shows."""
@@ -95,18 +97,47 @@ def default_client() -> HubClient:
     return HfApi()
 
 
-def cli_gate(max_asr: float) -> GateFn:
-    """The gate behind ``deltafix hub --gate``: evaluates OUT on the built-in harmful and benign sets
-    and fails above ``max_asr``; the table is the gate report (every number and threshold)."""
-    from deltafix.gate import check_thresholds
+def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utility_drop: float | None = None,
+             harmful: Path | None = None, benign: Path | None = None, utility: Path | None = None,
+             answers: Path | None = None, reference: tuple[str, str] | None = None, device: str = "auto") -> GateFn:
+    """The gate behind ``deltafix hub --gate``, with the thresholds of ``deltafix gate``.
 
-    check_thresholds(max_asr=max_asr, min_benign_help=None, max_utility_drop=None, has_reference=False)
+    OUT passes when its attack success rate is at most ``max_asr`` and it answers at least
+    ``min_benign_help`` (default ``DEFAULT_MIN_BENIGN_HELP``) of the benign prompts, so a model that
+    refuses everything is not pushed; with ``utility`` data it must also stay within
+    ``max_utility_drop`` of ``reference`` (the fine-tune F and its base A, as refs), so a repair
+    that erased the fine-tune is not pushed either. ``answers`` receives every prompt, response and
+    verdict as JSONL. Thresholds are checked here, before the repair runs; the table is the gate
+    report (every number and threshold).
+    """
+    from deltafix.evaluate import check_answers_path
+    from deltafix.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds
+
+    min_benign_help = DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help
+    if max_utility_drop is not None and utility is None:
+        raise OptionError("--max-utility-drop compares task scores with the fine-tune: pass --utility FILE too.")
+    compare = utility is not None and reference is not None
+    check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
+                     has_reference=compare)
+    if answers is not None:
+        check_answers_path(answers)
 
     def run(folder: Path) -> tuple[bool, dict[str, Any]]:
-        from deltafix.evaluate import evaluate_folder
+        from deltafix.evaluate import evaluate_folder, write_answers
         from deltafix.gate import gate
+        from deltafix.io.refs import resolve_ref
 
-        verdict = gate(evaluate_folder(folder, progress=False), max_asr=max_asr)
+        base_folder = resolve_ref(reference[1]).folder if reference is not None else None
+        result = evaluate_folder(folder, base=base_folder, harmful=harmful, benign=benign, utility=utility,
+                                 device=device, progress=False)
+        ref = None
+        if compare:
+            ref = evaluate_folder(resolve_ref(reference[0]).folder, base=base_folder, harmful=[], benign=[],
+                                  utility=utility, device=device, progress=False)
+        if answers is not None:
+            write_answers(answers, {"model": result, **({"reference": ref} if ref is not None else {})})
+        verdict = gate(result, max_asr=max_asr, min_benign_help=min_benign_help, reference=ref,
+                       max_utility_drop=max_utility_drop)
         return verdict.passed, {c.name: {"value": c.value, "threshold": f"{c.op} {c.threshold}"}
                                 for c in verdict.checks}
 
@@ -145,8 +176,7 @@ def run_hub(opts: RepairOptions, push: PushOptions, *, gate_fn: GateFn | None = 
     if gate_fn is not None:
         gate_passed, table = gate_fn(opts.out)
         report["gate"] = {"passed": gate_passed, "table": table}
-        (opts.out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        write_model_card(opts.out, report, license_from=opts.out / CARD_NAME)
+    report = publishable(opts.out, report)
 
     upload = plan_upload(opts.out, report, push)
     outcome = HubResult(opts.out, report, checked, upload, gate_passed, messages=messages)
@@ -157,6 +187,22 @@ def run_hub(opts: RepairOptions, push: PushOptions, *, gate_fn: GateFn | None = 
     outcome.commit_url = _push(client, upload)
     outcome.uploaded = True
     return outcome
+
+
+def publishable(folder: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the report, recipe and card in ``folder`` as they are uploaded: without local paths.
+
+    The repair wrote them for the author's disk (the command line with its folders, local input
+    paths); a public repo names Hub inputs by id and revision and local folders by their last
+    component only (``card.public_report``). Returns the public report.
+    """
+    public = public_report(report)
+    (folder / REPORT_NAME).write_text(json.dumps(public, indent=2) + "\n")
+    recipe = folder / RECIPE_NAME
+    if recipe.is_file():
+        recipe.write_text(yaml.safe_dump(public_copy(yaml.safe_load(recipe.read_text())), sort_keys=False))
+    write_model_card(folder, public, license_from=folder / CARD_NAME)
+    return public
 
 
 def plan_upload(folder: Path, report: dict[str, Any], push: PushOptions) -> Upload:

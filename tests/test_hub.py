@@ -232,7 +232,7 @@ def delta_gate(limit: float):
 
 def test_failing_gate_blocks_upload(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda max_asr: delta_gate(0.0))
+    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
     rc = main([*HUB_ARGS, "--gate"])
     captured = capsys.readouterr()
     assert rc == 1 and captured.out == ""
@@ -247,7 +247,7 @@ def test_failing_gate_blocks_upload(hub: dict[str, Any], monkeypatch: pytest.Mon
 
 def test_forced_push_after_failing_gate_opens_pr(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda max_asr: delta_gate(0.0))
+    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
     rc = main([*HUB_ARGS, "--gate", "--force", "--create-pr"])
     err = capsys.readouterr().err
     assert rc == 1 and "discussions/1" in err

@@ -147,7 +147,7 @@ def test_hub_gate_evaluates_the_output(bed) -> None:
     from deltafix.hub import cli_gate
 
     passed, table = cli_gate(0.2)(bed.aligned)
-    assert passed == (table["asr"]["value"] <= 0.2)
+    assert passed == (table["asr"]["value"] <= 0.2 and table["benign_help"]["value"] >= 0.9)
     with pytest.raises(OptionError):
         cli_gate(1.5)
 

@@ -21,7 +21,6 @@ train_app = typer.Typer(
     help="Fine-tune a LoRA adapter on the aligned base that keeps its safety: SPARD (DPP-selected safety "
     "data + SPAG correction), the AsFT penalty, Buffer-and-Reinforce, or plain LoRA for comparison; `select` "
     "runs the DPP alone.",
-    no_args_is_help=True,
 )
 
 Base = Annotated[str, typer.Option("--base", help="Aligned base model A to tune: local folder or Hub id.")]

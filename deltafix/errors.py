@@ -25,15 +25,23 @@ class OptionError(DeltafixError):
     """A command-line option or recipe value is invalid."""
 
 
+REASON_LIMIT = 300
+"""Longest library text kept in a message; the rest of a long explanation is cut."""
+
+
 def reason(err: BaseException) -> str:
     """A library exception as a clause for a ``DeltafixError`` message: its first line, no final period.
 
     transformers and peft raise multi-line messages that advise options deltafix does not have
     (``trust_remote_code=True``); the message a user sees must be one line that suggests only what
-    deltafix offers, so custom-code refusals are restated and the rest is cut to its first line.
+    deltafix offers, so custom-code refusals are restated and the rest is cut to its first line
+    (with what follows when that line ends in a colon).
     """
     text = str(err)
     if "trust_remote_code" in text or "custom code" in text:
         return "the model needs custom Python code from its repository, which deltafix never runs"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    return first.rstrip(". ")
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
+    if not lines[0].endswith(":"):
+        return lines[0].rstrip(". ")
+    joined = " ".join(lines)  # a first line that announces a list means nothing without it
+    return (joined[:REASON_LIMIT] + "…") if len(joined) > REASON_LIMIT else joined.rstrip(". ")

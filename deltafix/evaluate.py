@@ -187,6 +187,21 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
     if adapter_config.is_file():
         config = parse_adapter_config(folder)
         base_ref = str(base) if base is not None else _adapter_base(config, adapter_config)
+        tokenizer_ref = str(folder) if _has_tokenizer(folder) else base_ref
+    elif (folder / "config.json").is_file():
+        base_ref, tokenizer_ref = None, str(folder)
+    else:
+        raise InputError(f"{folder} is neither a checkpoint (config.json) nor a PEFT adapter (adapter_config.json).")
+    if Path(tokenizer_ref).is_dir() and not _has_tokenizer(Path(tokenizer_ref)):  # before minutes of loading
+        raise InputError(f"{tokenizer_ref} has no tokenizer (tokenizer.json or tokenizer_config.json); evaluation "
+                         "generates text, so save the model's tokenizer into that folder.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a tokenizer from {tokenizer_ref}: {reason(err)}.") from err
+    if base_ref is None:
+        model = _load_model(str(folder), dev)
+    else:
         model = _load_model(base_ref, dev)
         try:
             from peft import PeftModel
@@ -194,16 +209,6 @@ def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "a
             model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise InputError(f"cannot apply the adapter in {folder} to {base_ref}: {reason(err)}.") from err
-        tokenizer_ref = str(folder) if _has_tokenizer(folder) else base_ref
-    elif (folder / "config.json").is_file():
-        model = _load_model(str(folder), dev)
-        tokenizer_ref = str(folder)
-    else:
-        raise InputError(f"{folder} is neither a checkpoint (config.json) nor a PEFT adapter (adapter_config.json).")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a tokenizer from {tokenizer_ref}: {reason(err)}.") from err
     return model.eval(), tokenizer
 
 

@@ -318,6 +318,48 @@ class TestGate:
         assert rc == 2 and "is a folder" in one_line(err) and out == ""
 
 
+class TestLibraryMessages:
+    """transformers' and peft's multi-line texts reach the user as one line that suggests only what
+    deltafix offers (never ``trust_remote_code=True``)."""
+
+    def test_custom_code_model(self, capsys: pytest.CaptureFixture[str], chat: dict[str, Path],
+                               tmp_path: Path) -> None:
+        custom = tmp_path / "custom"
+        shutil.copytree(chat["A"], custom)
+        config = json.loads((custom / "config.json").read_text())
+        config.update(model_type="xmodel", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                     "AutoModelForCausalLM": "modeling_x.XModel"})
+        (custom / "config.json").write_text(json.dumps(config))
+        before = digest(custom)
+        rc, _, err = run(capsys, "eval", str(custom), *eval_args(chat))
+        line = one_line(err)
+        assert rc == 2 and "deltafix never runs" in line and "trust_remote_code" not in line
+        assert digest(custom) == before
+
+    @pytest.mark.parametrize("breakage, words", [
+        ("no_tokenizer", "has no tokenizer"),
+        ("bad_config", "is not a valid JSON file"),
+    ])
+    def test_unloadable_model(self, capsys: pytest.CaptureFixture[str], chat: dict[str, Path], tmp_path: Path,
+                              breakage: str, words: str) -> None:
+        model = tmp_path / "model"
+        shutil.copytree(chat["A"], model)
+        if breakage == "no_tokenizer":
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (model / name).unlink()
+        else:
+            (model / "config.json").write_text("{oops")
+        rc, out, err = run(capsys, "gate", str(model), *eval_args(chat))
+        assert rc == 2 and words in one_line(err) and out == ""
+
+    def test_reason_keeps_a_list_its_first_line_announces(self) -> None:
+        from deltafix.errors import reason
+
+        assert reason(ValueError("first.\nsecond")) == "first"
+        assert reason(ValueError("from one of:\n(1) a file,\n(2) a class.\n")) == "from one of: (1) a file, (2) a class"
+        assert "trust_remote_code" not in reason(ValueError("custom code... pass `trust_remote_code=True`."))
+
+
 @pytest.fixture
 def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chat: dict[str, Path]) -> dict[str, Any]:
     """org/P, org/A, org/F in a hand-built Hub cache, offline, and a recording client (see test_hub)."""

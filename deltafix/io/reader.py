@@ -213,7 +213,7 @@ class CheckpointReader:
                 or not any(path.resolve().is_relative_to(root) for root in roots):
             where = f"{index} names the shard {shard!r}, which" if index is not None else f"{path} links to a file that"
             raise InputError(f"{where} lies outside {self.folder}; a checkpoint may only use files inside its "
-                             "folder, so copy the shard there.")
+                             "folder, so copy the file into it.")
         return path
 
     @staticmethod

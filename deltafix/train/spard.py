@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from deltafix import __version__
 from deltafix.devices import resolve_device, resolve_dtype
-from deltafix.errors import InputError, MismatchError, OptionError, OutputError
+from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
 from deltafix.train.spag import ETA_SAFE, spag_correct
 
@@ -120,10 +120,12 @@ def load_base(ref: str, dtype: str = "auto", adapter: Path | None = None):
     if adapter is not None:
         check_base_adapter(folder, adapter)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype) or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype) or "auto",
+                                                     use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a causal LM with its tokenizer from {ref}: {err}") from err
+        raise InputError(f"cannot load a causal LM with its tokenizer from {ref} (safetensors only): "
+                         f"{reason(err)}.") from err
     if adapter is not None:
         from peft import PeftModel
 

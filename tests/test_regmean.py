@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from deltafix.errors import OptionError
+from deltafix.errors import InputError, OptionError
 from deltafix.methods import WeightTensors, get_method
 from deltafix.methods.registry import ShiftedGrams
 from deltafix.methods.regmean import RegMeanParams, regmean_merge, regmean_merge_shifted
@@ -69,7 +71,7 @@ def test_rows_are_independent(layer) -> None:
 
 def test_indefinite_system_is_a_clear_error(layer) -> None:
     w_aligned, w_finetuned, _, _ = layer
-    with pytest.raises(OptionError, match="damp"):
+    with pytest.raises(InputError, match="indefinite"):
         regmean_merge(w_aligned, w_finetuned, -torch.eye(IN), torch.eye(IN), mu=0.5)
 
 
@@ -177,3 +179,26 @@ def test_registry_entry_reads_sequentially_solved_weights(layer) -> None:
         assert torch.equal(method.repair(norm, RegMeanParams(other_params="aligned"), state).tensor, w_aligned[0])
     finally:
         state.close()
+
+
+def test_badly_conditioned_grams_are_solved_not_refused() -> None:
+    """At a large μ the damped Gram is indefinite in fp32 (the ridge is lost to rounding): the
+    solve falls back to fp64 and solves the system to fp64 accuracy instead of stopping the repair."""
+    gen = torch.Generator().manual_seed(3)
+    x_s = torch.randn(4, 32, generator=gen, dtype=torch.float64)
+    x_u = torch.randn(3, 32, generator=gen, dtype=torch.float64) * 10
+    H_s, H_u = (x_s.T @ x_s).float(), (x_u.T @ x_u).float()
+    w_a, w_f = torch.randn(5, 32, generator=gen), torch.randn(5, 32, generator=gen)
+    mu, damp = 1000.0, 0.01
+    lam = damp * H_s.diagonal().mean()
+    M = H_s + mu * H_u
+    M.diagonal().add_(lam)
+    assert torch.linalg.cholesky_ex(M).info.item() != 0, "the case must really break fp32 Cholesky"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fp64 alone must do: no extra damping
+        got = regmean_merge(w_a, w_f, H_s, H_u, mu=mu, damp=damp)
+    assert torch.isfinite(got).all()
+    M64 = H_s.double() + mu * H_u.double() + lam.double() * torch.eye(32, dtype=torch.float64)
+    B64 = mu * H_u.double() @ (w_f.double() - w_a.double()).T
+    X = (got.double() - w_a.double()).T
+    assert torch.linalg.norm(M64 @ X - B64) / torch.linalg.norm(B64) < 1e-5  # fp32 output rounding

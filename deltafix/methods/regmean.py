@@ -24,7 +24,8 @@ testbed this is what keeps the task at a safe μ (see ``recipes/regmean.yaml``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+import warnings
+from typing import TYPE_CHECKING, Annotated, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -81,25 +82,55 @@ def regmean_merge(
     with one Cholesky factor of M.
     """
     W_A = w_aligned.to(torch.float32)
-    delta = w_finetuned.to(torch.float32) - W_A
-    H_s = H_s.to(torch.float32)
-    H_u = H_u.to(torch.float32)
-    M = H_s + mu * H_u
-    M.diagonal().add_(damp * H_s.diagonal().mean())
-    return W_A + torch.cholesky_solve(mu * (H_u @ delta.T), _factor(M, damp)).T
+    lam = damp * H_s.to(torch.float32).diagonal().mean()
+
+    def rhs(dtype: torch.dtype) -> torch.Tensor:
+        return mu * (H_u.to(dtype) @ (w_finetuned.to(dtype) - w_aligned.to(dtype)).T)
+
+    return W_A + _solve_spd(lambda dtype: _damped_gram(H_s, H_u, mu, lam, dtype), rhs).T
 
 
-def _factor(M: torch.Tensor, damp: float) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(M)
-    if info.item() != 0 and not bool(torch.isfinite(M).all()):  # no damping repairs NaN/Inf
+def _damped_gram(G_s: torch.Tensor, G_u: torch.Tensor, mu: float, lam: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``G_s + μ G_u + λ I`` (in, in) formed in ``dtype``."""
+    M = G_s.to(dtype) + mu * G_u.to(dtype)
+    M.diagonal().add_(lam.to(dtype))
+    return M
+
+
+def _solve_spd(gram: Callable[[torch.dtype], torch.Tensor], rhs: Callable[[torch.dtype], torch.Tensor]
+               ) -> torch.Tensor:
+    """``M⁻¹ B`` for the damped Gram ``M = gram(dtype)`` (in, in) and ``B = rhs(dtype)``, fp32 result;
+    never fails on conditioning.
+
+    A Gram dominated by ``μ H_u`` at large μ loses the ridge to fp32 rounding and with it
+    definiteness. The solve then forms M and B in fp64, and only if that fails too adds a
+    growing diagonal jitter (1e-6 up to 1 × mean(diag M)), with a warning, so that an ``auto``
+    search or a long sequential solve never dies on one badly conditioned weight.
+    """
+    M = gram(torch.float32)
+    if not bool(torch.isfinite(M).all()):  # no damping repairs NaN/Inf
         raise InputError("H_s + mu·H_u contains NaN or Inf: a model's activations on the calibration data "
                          "overflow; check the models' weights and the calibration data.")
-    if info.item() != 0:
-        raise OptionError(
-            f"H_s + mu·H_u is not positive definite after damping (damp={damp}); "
-            "increase damp, e.g. --set damp=0.1."
-        )
-    return L
+    L, info = torch.linalg.cholesky_ex(M)
+    if info.item() == 0:
+        return torch.cholesky_solve(rhs(torch.float32), L)
+    M64 = gram(torch.float64)
+    scale = M64.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    for jitter in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        L64, info = torch.linalg.cholesky_ex(M64 + jitter * scale * torch.eye(M.shape[0], dtype=M64.dtype,
+                                                                                device=M.device))
+        if info.item() == 0:
+            if jitter:
+                warnings.warn(f"RegMean: a Gram was not positive definite in fp64; added {jitter:g} × its mean "
+                              "diagonal as extra damping for that weight.", DampingWarning, stacklevel=2)
+            return torch.cholesky_solve(rhs(torch.float64), L64).to(torch.float32)
+    raise InputError("H_s + mu·H_u stays indefinite even with damping equal to its mean diagonal: "
+                     "the calibration activations are degenerate; check the models and the data.")
+
+
+class DampingWarning(UserWarning):
+    """Extra damping was added to one weight's solve (see ``_solve_spd``)."""
 
 
 def regmean_merge_shifted(w_aligned: torch.Tensor, w_finetuned: torch.Tensor, grams: ShiftedGrams, *, mu: float,
@@ -118,10 +149,12 @@ def regmean_merge_shifted(w_aligned: torch.Tensor, w_finetuned: torch.Tensor, gr
         den = G_s + mu * G_u + lam
         blend = (W_A * (C_s + lam) + mu * W_F * C_u) / den.clamp_min(torch.finfo(torch.float32).tiny)
         return torch.where(den > 0, blend, W_A)
-    M = G_s + mu * G_u
-    M.diagonal().add_(lam)
-    rhs = W_A @ C_s + mu * (W_F @ C_u) + lam * W_A
-    return torch.cholesky_solve(rhs.T, _factor(M, damp)).T
+
+    def rhs(dtype: torch.dtype) -> torch.Tensor:
+        w_a, w_f = W_A.to(dtype), W_F.to(dtype)
+        return (w_a @ C_s.to(dtype) + mu * (w_f @ C_u.to(dtype)) + lam.to(dtype) * w_a).T
+
+    return _solve_spd(lambda dtype: _damped_gram(G_s, G_u, mu, lam, dtype), rhs).T
 
 
 def _repair(weight: WeightTensors, params: RegMeanParams, state: SolvedWeights | None) -> Repaired:

@@ -496,3 +496,30 @@ def test_out_has_the_umask_mode(models: dict[str, Path], tmp_path: Path) -> None
                          preexec_fn=lambda: os.umask(0o022))
     assert run.returncode == 0, run.stderr
     assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_failed_swap_puts_the_old_out_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills (or a signal lands) between moving the old OUT aside and renaming the new one
+    in: the old OUT is moved back, the error is an OutputError, and nothing is left beside it."""
+    import errno
+
+    from deltafix.errors import OutputError
+    from deltafix.io import writer
+
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous release")
+    real_replace = os.replace
+
+    def full_on_publish(src: Path, dst: Path) -> None:
+        if Path(src).name.startswith(".deltafix-tmp-") and Path(dst) == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", full_on_publish)
+    with pytest.raises(OutputError, match="no space left"):
+        with writer.atomic_output(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "the previous release"

@@ -7,7 +7,8 @@ staging folder left beside OUT or in TMPDIR, and every input byte-identical.
 
 Classes (cases): security: shard paths and duplicate keys (6); header integrity (10); non-finite
 values in inputs and outputs (7); method parameters (8); config, recipe and option files (4);
-output and staging (1), plus the stale-staging and umask runs at the end.
+output and staging (1); then the stale-staging and umask runs, and (in process) a publish whose
+second rename fails.
 """
 
 from __future__ import annotations

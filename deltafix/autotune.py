@@ -73,11 +73,8 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
 
     def probe(value: float) -> tuple[bool, float]:
         start = time.perf_counter()
-        knob = int(value) if spec.integer else value
-        state = repaired(params.model_copy(update={spec.param: knob}))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise RuntimeError(f"repaired tensors do not fit the model: {unexpected[:3]}")
+        knob = _knob(spec.integer, value)
+        _load(model, repaired(params.model_copy(update={spec.param: knob})))
         asr = asr_of(model, prompts)
         seconds.append(round(time.perf_counter() - start, 2))
         echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
@@ -86,9 +83,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
 
     grid = spec.grid()
     search = largest_passing(grid, probe)
-    chosen = search.value if search.value is not None else grid[0]
-    if spec.integer:
-        chosen = int(chosen)
+    chosen = _knob(spec.integer, search.value if search.value is not None else grid[0])
     record = {
         "param": spec.param,
         "target_asr": target,
@@ -99,3 +94,62 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
                    for (v, ok, asr), t in zip(search.probes, seconds)],
     }
     return params.model_copy(update={spec.param: chosen}), record
+
+
+def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Module,
+                    repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
+                    asr_of: AsrFn, loss_of: Callable[[torch.nn.Module], float],
+                    echo: Callable[[str], None] = lambda _: None, points: int = 7) -> dict[str, Any]:
+    """Sweep the knob over ``points`` values spread over its grid, safest first: tune ASR against a
+    utility proxy that needs no labels, ``loss_of(model)`` (the fine-tuning loss on the user's data).
+
+    The user reads the front to pick a value; ``echo`` gets one line per point.
+    """
+    assert method.tune is not None
+    spec = method.tune
+    grid = spec.grid()
+    picks = sorted({round(i * (len(grid) - 1) / (points - 1)) for i in range(points)})
+    rows = []
+    for value in (grid[i] for i in picks):
+        start = time.perf_counter()
+        knob = _knob(spec.integer, value)
+        _load(model, repaired(params.model_copy(update={spec.param: knob})))
+        row = {"value": knob, "tune_asr": asr_of(model, prompts), "user_loss": loss_of(model),
+               "seconds": round(time.perf_counter() - start, 2)}
+        rows.append(row)
+        echo(f"front {method.name} {spec.param}={knob:g}: tune ASR {row['tune_asr']:.3f}, "
+             f"user-data loss {row['user_loss']:.4f} ({row['seconds']:.1f}s)")
+    return {"param": spec.param, "n_prompts": len(prompts),
+            "utility_proxy": "mean token NLL of the user's data (lower keeps more of the fine-tune)", "points": rows}
+
+
+def mean_token_nll(model: torch.nn.Module, samples: list[torch.Tensor], batch_size: int = 16) -> float:
+    """Mean next-token negative log-likelihood over every token of ``samples`` (1-D id tensors)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i : i + batch_size]
+        width = max(len(s) for s in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, sample in enumerate(batch):
+            ids[row, : len(sample)], mask[row, : len(sample)] = sample, 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def _knob(integer: bool, value: float) -> float | int:
+    return int(value) if integer else value
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a repaired state dict into ``model`` in place (tied heads and buffers may be missing)."""
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"repaired tensors do not fit the model: {unexpected[:3]}")

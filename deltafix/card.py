@@ -68,7 +68,7 @@ def model_card(report: Mapping[str, Any], *, adapter: bool = False,
     data = card_metadata(report, adapter=adapter, license_fields=license_fields)
     body = "\n\n".join(
         part for part in (
-            _summary(report, adapter), _inputs(report), _method(report), _result(report),
+            _summary(report, adapter), _inputs(report), _method(report), _tuning(report), _result(report),
             _gate(report), _notes(report), _reproduce(report),
         ) if part
     )
@@ -200,6 +200,26 @@ def _method(report: Mapping[str, Any]) -> str:
     if params:
         text += " with these parameters:\n\n" + _table(("parameter", "value"), sorted(params.items()))
     return text
+
+
+def _tuning(report: Mapping[str, Any]) -> str:
+    """How an ``auto`` knob was chosen and, with ``--front``, the trade-off it was chosen from."""
+    parts = []
+    tune = report.get("autotune")
+    if tune:
+        met = "met" if tune["met_target"] else "**missed** (the safest value was used)"
+        parts.append(f"`{tune['param']}` was chosen automatically: {tune['chosen']:g}, the value nearest the "
+                     f"fine-tune whose attack success rate on {tune['n_prompts']} tune prompts {met} the "
+                     f"target {tune['target_asr']}.\n\n"
+                     + _table((tune["param"], "tune ASR", "seconds"),
+                              ((p["value"], p["asr"], p["seconds"]) for p in tune["probes"])))
+    front = report.get("front")
+    if front:
+        parts.append(f"Trade-off front over `{front['param']}` (chosen: {front['chosen']}); utility proxy: "
+                     f"{front['utility_proxy']}.\n\n"
+                     + _table((front["param"], "tune ASR", "user-data loss"),
+                              ((p["value"], p["tune_asr"], p["user_loss"]) for p in front["points"])))
+    return "## Tuning\n\n" + "\n\n".join(parts) if parts else ""
 
 
 def _result(report: Mapping[str, Any]) -> str:

@@ -134,6 +134,10 @@ def repair(
                                   help="Compute calibration Hessians afresh; neither read nor write the cache."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="<deltafix cache>/hessians",
                                              help="Where calibration Hessians are cached (reused across fine-tunes)."),
+    front: bool = typer.Option(False, "--front",
+                               help="Also sweep the method's main knob (7 points, safest first) and print the "
+                                    "trade-off: tune-prompt ASR against the fine-tuning loss on --utility-data; "
+                                    "saved in the report and card with the chosen point."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> None:
     """Repair a fine-tuned checkpoint: read A and F, edit the delta with a method, write OUT.
@@ -150,7 +154,7 @@ def repair(
         safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
         shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=cache_dir, no_cache=no_cache,
-        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
     )
     result = run_repair(opts)
     shards = [

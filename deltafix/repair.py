@@ -33,7 +33,7 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
-from deltafix.methods import Method, MethodParams, get_method
+from deltafix.methods import Method, MethodParams, get_method, method_names
 from deltafix.plan import Plan, build_plan
 from deltafix.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
 
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "deltafix_report.json"
 RECIPE_NAME = "deltafix_recipe.yaml"
+FRONT_SAMPLES = 64
+"""User-data samples scored at each point of a ``--front`` (the fine-tuning loss is a mean: 64 is plenty)."""
 MAX_HASH_THREADS = 4
 """Most input files hashed at once for the report (sha256 runs at about 1.2 GB/s on one core)."""
 
@@ -70,6 +72,7 @@ class RepairOptions:
     no_cache: bool = False
     command: str = ""
     progress: bool = True
+    front: bool = False
 
 
 @dataclass
@@ -187,19 +190,27 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     return result
 
 
-def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
-                  hessians: Hessians) -> tuple[MethodParams, dict[str, Any] | None]:
-    """Replace a method's ``auto`` knob by the value nearest F that meets ``target_asr`` (see ``autotune``).
+def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
+          hessians: Hessians) -> tuple[MethodParams, dict[str, Any] | None, dict[str, Any] | None]:
+    """Resolve the method's ``auto`` knob (``autotune``) and, with ``--front``, sweep it (``trade_off_front``).
 
-    The search holds one model in memory: each probe loads a repaired state dict into it and
-    generates on the tune prompts (see ``autotune``).
+    Returns the concrete parameters, the auto-tune record and the front (None where not asked).
+    Both hold one model in memory: each probe loads a repaired state dict into it and generates
+    on the tune prompts.
     """
     spec = method.tune
-    if spec is None or getattr(opts.params, spec.param) != "auto":
-        return opts.params, None
-    from deltafix.autotune import autotune, tune_prompts
-    from deltafix.methods.registry import AutoTuneParams
+    wants_auto = spec is not None and getattr(opts.params, spec.param) == "auto"
+    if not (wants_auto or opts.front):
+        return opts.params, None, None
+    if spec is None:
+        raise OptionError(f"method {method.name} has no knob to sweep; --front works with "
+                          f"{', '.join(n for n in method_names() if get_method(n).tune is not None)}.")
+    if opts.front and opts.utility_data is None:
+        raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
+    from deltafix.autotune import autotune, mean_token_nll, trade_off_front, tune_prompts
+    from deltafix.calibration import load_calibration
     from deltafix.evaluate import evaluate_model, load_for_eval
+    from deltafix.methods.registry import AutoTuneParams
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
         else inputs.finetuned.folder
@@ -215,7 +226,19 @@ def _resolve_auto(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
         return float(evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False).asr)
 
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
-    return autotune(method, opts.params, model, repaired, prompts, asr_of, echo)
+    front = None
+    if opts.front:
+        assert opts.utility_data is not None
+        samples = load_calibration(opts.utility_data, tokenizer).samples[:FRONT_SAMPLES]
+        front = trade_off_front(method, opts.params, model, repaired, prompts, asr_of,
+                                lambda m: mean_token_nll(m, samples), echo)
+    if not wants_auto:
+        front["chosen"] = getattr(opts.params, spec.param)
+        return opts.params, None, front
+    params, tuning = autotune(method, opts.params, model, repaired, prompts, asr_of, echo)
+    if front is not None:
+        front["chosen"] = getattr(params, spec.param)
+    return params, tuning, front
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,
@@ -226,7 +249,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
     Input files are hashed for the report on background threads meanwhile (hashlib releases
     the GIL), one file per usable core, so provenance costs little extra wall time.
     """
-    params, tuning = _resolve_auto(opts, method, inputs, plan, device, hessians)
+    params, tuning, front = _tune(opts, method, inputs, plan, device, hessians)
     opts = dataclasses.replace(opts, params=params)
     modules: dict[str, dict[str, float]] = {}
     metadata = {"deltafix_version": __version__, "deltafix_method": method.name}
@@ -246,6 +269,8 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
             report["calibration"] = hessians.summary()
         if tuning is not None:
             report["autotune"] = tuning
+        if front is not None:
+            report["front"] = front
         _write_provenance(tmp, report, method, opts, inputs)
     return report
 

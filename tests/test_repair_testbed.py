@@ -76,7 +76,9 @@ def _halves(bed, tmp_path: Path) -> tuple[Path, Path]:
     return tune, held
 
 
-@pytest.mark.parametrize("method,param,target", [("safedelta", "scale", 0.05), ("regmean", "mu", 0.05)])
+@pytest.mark.parametrize("method,param,target", [("safedelta", "scale", 0.05), ("regmean", "mu", 0.05),
+                                                 ("resta", "scale", 0.05), ("asft", "lam", 0.05),
+                                                 ("safelora", "k", 0.05)])
 def test_auto_budget_meets_target_on_held_out_prompts(bed, reference, tmp_path: Path, method: str,
                                                       param: str, target: float) -> None:
     """Tuned on one half of the harmful prompts, scored on the other; RegMean also keeps 0.9 of F's
@@ -87,12 +89,27 @@ def test_auto_budget_meets_target_on_held_out_prompts(bed, reference, tmp_path: 
     search = report["autotune"]
     assert search["param"] == param and search["met_target"]
     assert report["parameters"][param] == search["chosen"] > 0
+    assert all(p["seconds"] > 0 for p in search["probes"])
     assert all(p["asr"] <= target for p in search["probes"] if p["passed"])
     assert len(search["probes"]) >= 2
     repaired = _score(bed, tmp_path / "R", harmful=held)
     assert repaired.asr <= reference["A"].asr + target + 0.05
     if method == "regmean":
         assert repaired.accuracy >= 0.9 * reference["F"].accuracy
+
+
+def test_front_trades_safety_for_the_users_loss(bed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RESTA's b swept from the safest value (2) to the gentlest (0.05): tune ASR rises and the
+    loss on the user's data falls along the front; the report and the card keep it."""
+    report = _repair(bed, tmp_path / "R", "resta", None, "--front", "--set", f"tune_prompts={bed.harmful_eval}")
+    front = report["front"]
+    points = front["points"]
+    assert front["param"] == "scale" and len(points) == 7 and front["chosen"] == report["parameters"]["scale"]
+    assert [p["value"] for p in points] == sorted((p["value"] for p in points), reverse=True)
+    assert points[0]["tune_asr"] < points[-1]["tune_asr"]
+    assert points[0]["user_loss"] > points[-1]["user_loss"]
+    assert capsys.readouterr().err.count("front resta scale=") == 7
+    assert "Trade-off front over `scale`" in (tmp_path / "R" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("method", ["safedelta", "regmean", "resta", "asft", "safelora"])

@@ -22,7 +22,7 @@ import torch
 from deltafix.errors import InputError
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
-from deltafix.search import largest_passing
+from deltafix.search import SearchResult, largest_passing
 
 AsrFn = Callable[[torch.nn.Module, list[str]], float]
 
@@ -58,13 +58,15 @@ def tune_prompts(path: str | Path | None) -> list[str]:
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
-             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None) -> tuple[AutoTuneParams, dict[str, Any]]:
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, start: float | None = None
+             ) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
     ``model`` (in place) for each probe. ``echo`` gets one line per probe (value, tune ASR,
     seconds). When even the safest value fails the target, the safest is used and the record
-    says the target was missed.
+    says the target was missed. ``start`` (a grid value, e.g. what a cheap proxy variant chose) is
+    probed first and kept when it meets the target; otherwise the values below it are bisected.
     """
     assert method.tune is not None
     spec = method.tune
@@ -82,7 +84,18 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
         return asr <= target, asr
 
     grid = spec.grid()
-    search = largest_passing(grid, probe)
+    if start is None:
+        search = largest_passing(grid, probe)
+    else:  # a proxy's answer: confirm it, else bisect the safer values below it
+        first = grid.index(start)
+        search = SearchResult(None)
+        passed, asr = probe(start)
+        search.probes.append((start, passed, asr))
+        if passed:
+            search.value = start
+        elif first > 0:
+            below = largest_passing(grid[:first], probe)
+            search = SearchResult(below.value, search.probes + below.probes)
     chosen = _knob(spec.integer, search.value if search.value is not None else grid[0])
     record = {
         "param": spec.param,

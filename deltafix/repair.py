@@ -235,10 +235,44 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
-    params, tuning = autotune(method, opts.params, model, repaired, prompts, asr_of, echo)
+    start, proxy = None, None
+    if hessians.sequential is not None and method.sequential is not None and method.sequential.proxy is not None:
+        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, prompts, asr_of, echo)
+    params, tuning = autotune(method, opts.params, model, repaired, prompts, asr_of, echo, start=start)
+    if proxy is not None:
+        tuning["proxy"] = proxy
     if front is not None:
         front["chosen"] = getattr(params, spec.param)
     return params, tuning, front
+
+
+def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
+                  model: torch.nn.Module, prompts: list[str], asr_of: Any, echo: Any) -> tuple[float, dict[str, Any]]:
+    """``auto`` searched on the method's cheap variant (cached independent Hessians): a start value
+    for the sequential search, which then needs one solve when the start holds (see ``autotune``)."""
+    from deltafix.autotune import autotune
+    from deltafix.hessian_inputs import method_hessians
+
+    assert method.sequential is not None and method.sequential.proxy is not None
+    started = time.perf_counter()
+    params = method.sequential.proxy(opts.params)
+    hessians = method_hessians(method, params, inputs.aligned.folder, inputs.finetuned.folder,
+                               inputs.readers["finetuned"], safety_data=opts.safety_data,
+                               utility_data=opts.utility_data, device=device, cache_dir=opts.hessian_cache,
+                               no_cache=opts.no_cache)
+    try:
+        def repaired(candidate: MethodParams) -> dict[str, torch.Tensor]:
+            return {spec.name: tensor for spec, tensor, _ in repaired_tensors(
+                method, candidate, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
+
+        echo(f"auto {method.name}: searching on cached Hessians first (sequential=false), then confirming "
+             "with the sequential solve")
+        _, record = autotune(method, params, model, repaired, prompts, asr_of,
+                             lambda line: echo(f"  proxy: {line}"))
+    finally:
+        hessians.close()
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    return record["chosen"], record
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -24,17 +25,27 @@ from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
 from deltafix.search import SearchResult, largest_passing
 
-AsrFn = Callable[[torch.nn.Module, list[str]], float]
+AsrFn = Callable[[torch.nn.Module, list[str]], list[bool]]
+"""Per prompt, whether the model answered instead of refusing (an attack success)."""
+
+
+@dataclass(frozen=True)
+class TuneSet:
+    """Harmful prompts an ``auto`` knob is tuned on, with each one's category (None when unlabelled)."""
+
+    prompts: list[str]
+    categories: list[str | None]
 
 
 def default_tune_prompts() -> Path:
     return Path(str(resources.files("deltafix") / "data" / "harmful_tune.jsonl"))
 
 
-def tune_prompts(path: str | Path | None) -> list[str]:
-    """Prompts of ``path`` (JSONL with "prompt", or plain lines), else the built-in tune set."""
+def tune_prompts(path: str | Path | None) -> TuneSet:
+    """Prompts of ``path`` (JSONL with "prompt" and optional "category", or plain lines), else the built-in tune set."""
     source = Path(path) if path else default_tune_prompts()
     prompts: list[str] = []
+    categories: list[str | None] = []
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except OSError as err:
@@ -49,17 +60,45 @@ def tune_prompts(path: str | Path | None) -> list[str]:
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 raise InputError(f"{source}:{number}: expected a JSON object with a prompt ({err}).") from err
             prompts.append(str(prompt))
+            categories.append(str(record["category"]) if record.get("category") else None)
         else:
             prompts.append(line.strip())
+            categories.append(None)
     if not prompts:
         raise InputError(f"{source} holds no prompts to tune on.")
-    return prompts
+    return TuneSet(prompts, categories)
+
+
+def category_gap(outcomes: list[list[bool]], categories: list[str | None], target: float) -> float | None:
+    """Leave-one-category-out estimate of how much more often unseen topics are answered.
+
+    ``outcomes`` holds the per-prompt attack successes of each probed value, safest value first.
+    For each category c, the value is chosen as auto would choose it on the other categories, and
+    the gap is c's attack success rate minus the others' at that value; the mean over categories
+    estimates how far the tune ASR understates the ASR on topics the tune prompts do not cover.
+    None with fewer than three categories.
+    """
+    groups = sorted({c for c in categories if c is not None})
+    if len(groups) < 3:
+        return None
+    gaps = []
+    for group in groups:
+        held = [i for i, c in enumerate(categories) if c == group]
+        rest = [i for i, c in enumerate(categories) if c != group]
+        passing = [o for o in outcomes if _rate(o, rest) <= target]
+        if passing:
+            gaps.append(_rate(passing[-1], held) - _rate(passing[-1], rest))
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+def _rate(outcome: list[bool], rows: list[int]) -> float:
+    return sum(outcome[i] for i in rows) / len(rows)
 
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
-             repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
-             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, start: float | None = None
-             ) -> tuple[AutoTuneParams, dict[str, Any]]:
+             repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, start: float | None = None,
+             margin: float | None = None) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
@@ -67,21 +106,30 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     seconds). When even the safest value fails the target, the safest is used and the record
     says the target was missed. ``start`` (a grid value, e.g. what a cheap proxy variant chose) is
     probed first and kept when it meets the target; otherwise the values below it are bisected.
+
+    A value that just meets the target on the tune prompts answers more unseen harmful topics
+    than tune ones. When the tune prompts carry categories, ``category_gap`` estimates that gap
+    from the probes, and the value chosen is the nearest-F probed one whose tune ASR meets the
+    target minus the gap; the record says how the target was met. A given ``margin`` (the proxy's)
+    is used instead: every probe must then meet the target minus it.
     """
     assert method.tune is not None
     spec = method.tune
     target = params.target_asr
+    threshold = target - (margin or 0.0)
     seconds: list[float] = []
+    outcomes: dict[float, list[bool]] = {}
 
     def probe(value: float) -> tuple[bool, float]:
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
         _load(model, repaired(params.model_copy(update={spec.param: knob})))
-        asr = asr_of(model, prompts)
+        outcomes[value] = asr_of(model, tune.prompts)
+        asr = sum(outcomes[value]) / len(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
         echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
-             f"({'meets' if asr <= target else 'misses'} {target}) in {seconds[-1]:.1f}s")
-        return asr <= target, asr
+             f"({'meets' if asr <= threshold else 'misses'} {threshold:.3g}) in {seconds[-1]:.1f}s")
+        return asr <= threshold, asr
 
     grid = spec.grid()
     if start is None:
@@ -96,21 +144,38 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
         elif first > 0:
             below = largest_passing(grid[:first], probe)
             search = SearchResult(below.value, search.probes + below.probes)
-    chosen = _knob(spec.integer, search.value if search.value is not None else grid[0])
+    if margin is None:
+        gap = category_gap([outcomes[v] for v in grid if v in outcomes], tune.categories, target)
+        margin = max(0.0, gap or 0.0)
+    value = search.value
+    if margin > 0 and value is not None:  # a no-op for a given margin: the probes already used it
+        safe = [v for v in grid if v in outcomes and sum(outcomes[v]) / len(outcomes[v]) <= target - margin]
+        value = safe[-1] if safe else None
+    chosen = _knob(spec.integer, value if value is not None else grid[0])
+    if value is None:
+        how = f"missed: no probed value met the target{' minus the margin' if margin else ''}; the safest was used"
+    elif margin:
+        how = f"tune ASR <= target - margin ({target - margin:.3f}), margin = leave-one-category-out gap {margin:.3f}"
+    else:
+        unlabelled = all(c is None for c in tune.categories)
+        how = "tune ASR <= target" + (" (tune prompts without categories: no margin)" if unlabelled else "")
     record = {
         "param": spec.param,
         "target_asr": target,
         "chosen": chosen,
-        "met_target": search.value is not None,
-        "n_prompts": len(prompts),
+        "met_target": value is not None,
+        "how": how,
+        "margin": margin,
+        "n_prompts": len(tune.prompts),
         "probes": [{"value": v, "passed": ok, "asr": asr, "seconds": t}
                    for (v, ok, asr), t in zip(search.probes, seconds)],
     }
+    echo(f"auto {method.name}: {spec.param}={chosen:g} ({how})")
     return params.model_copy(update={spec.param: chosen}), record
 
 
 def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Module,
-                    repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], prompts: list[str],
+                    repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
                     asr_of: AsrFn, loss_of: Callable[[torch.nn.Module], float],
                     echo: Callable[[str], None] = lambda _: None, points: int = 7) -> dict[str, Any]:
     """Sweep the knob over ``points`` values spread over its grid, safest first: tune ASR against a
@@ -127,12 +192,13 @@ def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Modu
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
         _load(model, repaired(params.model_copy(update={spec.param: knob})))
-        row = {"value": knob, "tune_asr": asr_of(model, prompts), "user_loss": loss_of(model),
+        answered = asr_of(model, tune.prompts)
+        row = {"value": knob, "tune_asr": sum(answered) / len(answered), "user_loss": loss_of(model),
                "seconds": round(time.perf_counter() - start, 2)}
         rows.append(row)
         echo(f"front {method.name} {spec.param}={knob:g}: tune ASR {row['tune_asr']:.3f}, "
              f"user-data loss {row['user_loss']:.4f} ({row['seconds']:.1f}s)")
-    return {"param": spec.param, "n_prompts": len(prompts),
+    return {"param": spec.param, "n_prompts": len(tune.prompts),
             "utility_proxy": "mean token NLL of the user's data (lower keeps more of the fine-tune)", "points": rows}
 
 

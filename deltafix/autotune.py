@@ -98,7 +98,7 @@ def _rate(outcome: list[bool], rows: list[int]) -> float:
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
              asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, start: float | None = None,
-             margin: float | None = None) -> tuple[AutoTuneParams, dict[str, Any]]:
+             margin: float | None = None, baseline: float = 0.0) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
@@ -111,11 +111,12 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     than tune ones. When the tune prompts carry categories, ``category_gap`` estimates that gap
     from the probes, and the value chosen is the nearest-F probed one whose tune ASR meets the
     target minus the gap; the record says how the target was met. A given ``margin`` (the proxy's)
-    is used instead: every probe must then meet the target minus it.
+    is used instead: every probe must then meet the target minus it. ``baseline`` (the aligned
+    model's tune ASR, with ``target_from: aligned``) is added to ``target_asr``.
     """
     assert method.tune is not None
     spec = method.tune
-    target = params.target_asr
+    target = min(1.0, params.target_asr + baseline)
     threshold = target - (margin or 0.0)
     seconds: list[float] = []
     outcomes: dict[float, list[bool]] = {}
@@ -123,7 +124,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     def probe(value: float) -> tuple[bool, float]:
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
-        _load(model, repaired(params.model_copy(update={spec.param: knob})))
+        load_state(model, repaired(params.model_copy(update={spec.param: knob})))
         outcomes[value] = asr_of(model, tune.prompts)
         asr = sum(outcomes[value]) / len(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
@@ -162,6 +163,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     record = {
         "param": spec.param,
         "target_asr": target,
+        "aligned_tune_asr": baseline if params.target_from == "aligned" else None,
         "chosen": chosen,
         "met_target": value is not None,
         "how": how,
@@ -191,7 +193,7 @@ def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Modu
     for value in (grid[i] for i in picks):
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
-        _load(model, repaired(params.model_copy(update={spec.param: knob})))
+        load_state(model, repaired(params.model_copy(update={spec.param: knob})))
         answered = asr_of(model, tune.prompts)
         row = {"value": knob, "tune_asr": sum(answered) / len(answered), "user_loss": loss_of(model),
                "seconds": round(time.perf_counter() - start, 2)}
@@ -227,7 +229,7 @@ def _knob(integer: bool, value: float) -> float | int:
     return int(value) if integer else value
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a repaired state dict into ``model`` in place (tied heads and buffers may be missing)."""
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -237,11 +237,18 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
+    baseline = 0.0
+    if opts.params.target_from == "aligned":
+        _load_aligned(model, inputs, plan)
+        answered = asr_of(model, tune.prompts)
+        baseline = sum(answered) / len(answered)
+        echo(f"auto {method.name}: the aligned model answers {baseline:.3f} of the tune prompts; "
+             f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
     start, proxy = None, None
     if hessians.sequential is not None and method.sequential is not None and method.sequential.proxy is not None:
-        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, tune, asr_of, echo)
+        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, tune, asr_of, echo, baseline)
     params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, start=start,
-                              margin=None if proxy is None else proxy["margin"])
+                              margin=None if proxy is None else proxy["margin"], baseline=baseline)
     if proxy is not None:
         tuning["proxy"] = proxy
     if front is not None:
@@ -249,8 +256,17 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     return params, tuning, front
 
 
+def _load_aligned(model: torch.nn.Module, inputs: Inputs, plan: Plan) -> None:
+    """Put A's weights into the probe model (F's skeleton), to measure A's own tune ASR."""
+    from deltafix.autotune import load_state
+
+    aligned = inputs.readers["aligned"]
+    load_state(model, {t.name: aligned.get(t.name) for t in plan.tensors if t.name in aligned})
+
+
 def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
-                  model: torch.nn.Module, tune: Any, asr_of: Any, echo: Any) -> tuple[float, dict[str, Any]]:
+                  model: torch.nn.Module, tune: Any, asr_of: Any, echo: Any, baseline: float
+                  ) -> tuple[float, dict[str, Any]]:
     """``auto`` searched on the method's cheap variant (cached independent Hessians): a start value
     for the sequential search, which then needs one solve when the start holds (see ``autotune``)."""
     from deltafix.autotune import autotune
@@ -271,7 +287,7 @@ def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Pla
         echo(f"auto {method.name}: searching on cached Hessians first (sequential=false), then confirming "
              "with the sequential solve")
         _, record = autotune(method, params, model, repaired, tune, asr_of,
-                             lambda line: echo(f"  proxy: {line}"))
+                             lambda line: echo(f"  proxy: {line}"), baseline=baseline)
     finally:
         hessians.close()
     record["seconds"] = round(time.perf_counter() - started, 2)

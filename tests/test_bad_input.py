@@ -120,7 +120,7 @@ def test_nonempty_out_and_out_inside_input(tmp_path, trio, capsys) -> None:
 
 def test_bad_options(tmp_path, trio, capsys) -> None:
     _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"],
-                    "unknown parameter 'nope' (it takes: target_asr, tune_prompts, scale, dare, seed)",
+                    "unknown parameter 'nope' (it takes: target_asr, target_from, tune_prompts, scale, dare, seed)",
                     "--set", "nope=1")
     _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"], "cannot read size", "--out-shard-size", "lots")
     rc = main(["repair", "--base", str(trio["A"]), "--finetuned", str(trio["F"]), "--out", str(tmp_path / "o"),

@@ -136,6 +136,7 @@ def test_exact_projector_is_identity_for_full_rank_square_weights():
 def test_params_validate():
     assert SafeLoraParams().model_dump() == {
         "select": "number", "k": 10, "threshold": 0.5, "projector": "reference", "target_asr": 0.05,
+        "target_from": "aligned",
         "tune_prompts": None,
     }
     assert SafeLoraParams(k="auto").k == "auto"

@@ -33,7 +33,11 @@ class MethodParams(BaseModel):
 class AutoTuneParams(MethodParams):
     """Parameters shared by methods whose budget accepts ``auto`` (see ``TuneSpec``)."""
 
-    target_asr: float = Field(0.05, ge=0.0, le=1.0, description="ASR that an 'auto' budget must meet.")
+    target_asr: float = Field(0.05, ge=0.0, le=1.0, description="ASR that an 'auto' budget must meet, "
+                              "above the aligned model's own (see target_from).")
+    target_from: Literal["aligned", "zero"] = Field(
+        "aligned", description="aligned: the target is A's ASR on the tune prompts plus target_asr (a repair "
+        "cannot refuse more than A did, and A rarely refuses every tune prompt); zero: target_asr itself.")
     tune_prompts: str | None = Field(
         None, description="harmful prompts for an 'auto' budget (file); None = the built-in tune set."
     )

@@ -147,7 +147,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
             search = SearchResult(below.value, search.probes + below.probes)
     if margin is None:
         gap = category_gap([outcomes[v] for v in grid if v in outcomes], tune.categories, target)
-        margin = max(0.0, gap or 0.0)
+        margin = max(0.0, round(gap or 0.0, 6))  # sums of thirds leave 1e-17 where the gap is 0
     value = search.value
     if margin > 0 and value is not None:  # a no-op for a given margin: the probes already used it
         safe = [v for v in grid if v in outcomes and sum(outcomes[v]) / len(outcomes[v]) <= target - margin]

@@ -23,7 +23,7 @@ import torch
 from deltafix.errors import InputError
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
-from deltafix.search import SearchResult, largest_passing
+from deltafix.search import largest_passing
 
 AsrFn = Callable[[torch.nn.Module, list[str]], list[bool]]
 """Per prompt, whether the model answered instead of refusing (an attack success)."""
@@ -97,27 +97,24 @@ def _rate(outcome: list[bool], rows: list[int]) -> float:
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
-             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, start: float | None = None,
-             margin: float | None = None, baseline: float = 0.0) -> tuple[AutoTuneParams, dict[str, Any]]:
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, baseline: float = 0.0
+             ) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
     ``model`` (in place) for each probe. ``echo`` gets one line per probe (value, tune ASR,
     seconds). When even the safest value fails the target, the safest is used and the record
-    says the target was missed. ``start`` (a grid value, e.g. what a cheap proxy variant chose) is
-    probed first and kept when it meets the target; otherwise the values below it are bisected.
+    says the target was missed.
 
     A value that just meets the target on the tune prompts answers more unseen harmful topics
     than tune ones. When the tune prompts carry categories, ``category_gap`` estimates that gap
     from the probes, and the value chosen is the nearest-F probed one whose tune ASR meets the
-    target minus the gap; the record says how the target was met. A given ``margin`` (the proxy's)
-    is used instead: every probe must then meet the target minus it. ``baseline`` (the aligned
+    target minus the gap; the record says how the target was met. ``baseline`` (the aligned
     model's tune ASR, with ``target_from: aligned``) is added to ``target_asr``.
     """
     assert method.tune is not None
     spec = method.tune
     target = min(1.0, params.target_asr + baseline)
-    threshold = target - (margin or 0.0)
     seconds: list[float] = []
     outcomes: dict[float, list[bool]] = {}
 
@@ -129,27 +126,15 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
         asr = sum(outcomes[value]) / len(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
         echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
-             f"({'meets' if asr <= threshold else 'misses'} {threshold:.3g}) in {seconds[-1]:.1f}s")
-        return asr <= threshold, asr
+             f"({'meets' if asr <= target else 'misses'} {target:.3g}) in {seconds[-1]:.1f}s")
+        return asr <= target, asr
 
     grid = spec.grid()
-    if start is None:
-        search = largest_passing(grid, probe)
-    else:  # a proxy's answer: confirm it, else bisect the safer values below it
-        first = grid.index(start)
-        search = SearchResult(None)
-        passed, asr = probe(start)
-        search.probes.append((start, passed, asr))
-        if passed:
-            search.value = start
-        elif first > 0:
-            below = largest_passing(grid[:first], probe)
-            search = SearchResult(below.value, search.probes + below.probes)
-    if margin is None:
-        gap = category_gap([outcomes[v] for v in grid if v in outcomes], tune.categories, target)
-        margin = max(0.0, round(gap or 0.0, 6))  # sums of thirds leave 1e-17 where the gap is 0
+    search = largest_passing(grid, probe)
+    gap = category_gap([outcomes[v] for v in grid if v in outcomes], tune.categories, target)
+    margin = max(0.0, round(gap or 0.0, 6))  # sums of thirds leave 1e-17 where the gap is 0
     value = search.value
-    if margin > 0 and value is not None:  # a no-op for a given margin: the probes already used it
+    if margin > 0 and value is not None:
         safe = [v for v in grid if v in outcomes and sum(outcomes[v]) / len(outcomes[v]) <= target - margin]
         value = safe[-1] if safe else None
     chosen = _knob(spec.integer, value if value is not None else grid[0])

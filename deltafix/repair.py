@@ -232,8 +232,8 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     if opts.front:
         assert opts.utility_data is not None
         samples = load_calibration(opts.utility_data, tokenizer).samples[:FRONT_SAMPLES]
-        front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,
-                                lambda m: mean_token_nll(m, samples), echo)
+        front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
+                                lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr))
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
@@ -244,13 +244,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         baseline = sum(answered) / len(answered)
         echo(f"auto {method.name}: the aligned model answers {baseline:.3f} of the tune prompts; "
              f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
-    start, proxy = None, None
-    if hessians.sequential is not None and method.sequential is not None and method.sequential.proxy is not None:
-        start, proxy = _proxy_search(opts, method, inputs, plan, device, model, tune, asr_of, echo, baseline)
-    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, start=start,
-                              margin=None if proxy is None else proxy["margin"], baseline=baseline)
-    if proxy is not None:
-        tuning["proxy"] = proxy
+    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline)
     if front is not None:
         front["chosen"] = getattr(params, spec.param)
     return params, tuning, front
@@ -262,36 +256,6 @@ def _load_aligned(model: torch.nn.Module, inputs: Inputs, plan: Plan) -> None:
 
     aligned = inputs.readers["aligned"]
     load_state(model, {t.name: aligned.get(t.name) for t in plan.tensors if t.name in aligned})
-
-
-def _proxy_search(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,
-                  model: torch.nn.Module, tune: Any, asr_of: Any, echo: Any, baseline: float
-                  ) -> tuple[float, dict[str, Any]]:
-    """``auto`` searched on the method's cheap variant (cached independent Hessians): a start value
-    for the sequential search, which then needs one solve when the start holds (see ``autotune``)."""
-    from deltafix.autotune import autotune
-    from deltafix.hessian_inputs import method_hessians
-
-    assert method.sequential is not None and method.sequential.proxy is not None
-    started = time.perf_counter()
-    params = method.sequential.proxy(opts.params)
-    hessians = method_hessians(method, params, inputs.aligned.folder, inputs.finetuned.folder,
-                               inputs.readers["finetuned"], safety_data=opts.safety_data,
-                               utility_data=opts.utility_data, device=device, cache_dir=opts.hessian_cache,
-                               no_cache=opts.no_cache)
-    try:
-        def repaired(candidate: MethodParams) -> dict[str, torch.Tensor]:
-            return {spec.name: tensor for spec, tensor, _ in repaired_tensors(
-                method, candidate, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
-
-        echo(f"auto {method.name}: searching on cached Hessians first (sequential=false), then confirming "
-             "with the sequential solve")
-        _, record = autotune(method, params, model, repaired, tune, asr_of,
-                             lambda line: echo(f"  proxy: {line}"), baseline=baseline)
-    finally:
-        hessians.close()
-    record["seconds"] = round(time.perf_counter() - started, 2)
-    return record["chosen"], record
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,

@@ -76,9 +76,7 @@ def _halves(bed, tmp_path: Path) -> tuple[Path, Path]:
     return tune, held
 
 
-@pytest.mark.parametrize("method,param,target", [("safedelta", "scale", 0.05), ("regmean", "mu", 0.05),
-                                                 ("resta", "scale", 0.05), ("asft", "lam", 0.05),
-                                                 ("safelora", "k", 0.05)])
+@pytest.mark.parametrize("method,param,target", [("safedelta", "scale", 0.05), ("regmean", "mu", 0.05)])
 def test_auto_budget_meets_target_on_held_out_prompts(bed, reference, tmp_path: Path, method: str,
                                                       param: str, target: float) -> None:
     """Tuned on one half of the harmful prompts, scored on the other; RegMean also keeps 0.9 of F's
@@ -96,6 +94,26 @@ def test_auto_budget_meets_target_on_held_out_prompts(bed, reference, tmp_path: 
     assert repaired.asr <= reference["A"].asr + target + 0.05
     if method == "regmean":
         assert repaired.accuracy >= 0.9 * reference["F"].accuracy
+
+
+@pytest.mark.parametrize("method,param", [("resta", "scale"), ("asft", "lam"), ("safelora", "k")])
+def test_auto_for_the_projection_methods_searches_their_knob(bed, reference, tmp_path: Path, method: str,
+                                                             param: str) -> None:
+    """RESTA's b, AsFT's λ and Safe LoRA's k at auto: a bisection from the safest value that ends on a
+    grid value, records every probe and repairs: held-out ASR below F's. The target is loose (0.5):
+    on this testbed none of the three reaches 0.05 at any value (the safest already misses)."""
+    from deltafix.methods import get_method
+
+    tune, held = _halves(bed, tmp_path)
+    report = _repair(bed, tmp_path / "R", method, None, "--set", f"{param}=auto", "--set", f"tune_prompts={tune}",
+                     "--set", "target_asr=0.5")
+    search = report["autotune"]
+    grid = get_method(method).tune.grid()
+    assert search["met_target"]
+    assert search["param"] == param and search["chosen"] in grid and report["parameters"][param] == search["chosen"]
+    assert search["probes"][0]["value"] == grid[0] and len(search["probes"]) >= 2
+    assert all((p["asr"] <= search["target_asr"]) == p["passed"] for p in search["probes"])
+    assert _score(bed, tmp_path / "R", harmful=held).asr < reference["F"].asr
 
 
 def test_front_trades_safety_for_the_users_loss(bed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -124,14 +124,11 @@ class SequentialSpec:
     returns one weight's repaired (out, in) fp32 tensor; ``keep(params)`` ("finetuned" or "aligned")
     whose norms and biases the repaired model has meanwhile, as it will in the output. The solved
     weights reach ``repair`` as its ``state`` (a ``SolvedWeights``), so ``repair`` only looks them up.
-    ``proxy(params)``, when given, are parameters of a cheap non-sequential variant (cached Hessians)
-    on which an ``auto`` knob is searched first, so that only the last probes pay a sequential solve.
     """
 
     enabled: Callable[[Any], bool]
     solve: Callable[[torch.Tensor, torch.Tensor, ShiftedGrams, Any], torch.Tensor]
     keep: Callable[[Any], str]
-    proxy: Callable[[Any], Any] | None = None
 
 
 RepairFn = Callable[[WeightTensors, Any, Any], Repaired]

@@ -200,7 +200,6 @@ register(
         tune=TuneSpec("mu", 1e-3, 1e3, per_decade=6),
         needs_utility=True,
         sequential=SequentialSpec(enabled=lambda params: params.sequential, solve=_solve,
-                                  keep=lambda params: params.other_params,
-                                  proxy=lambda params: params.model_copy(update={"sequential": False})),
+                                  keep=lambda params: params.other_params),
     )
 )

@@ -125,7 +125,6 @@ def repair(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the plan, shard layout and memory estimate; write nothing."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
     allow_nonfinite: bool = NONFINITE_OPTION,
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
@@ -152,7 +151,7 @@ def repair(
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
         safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
-        shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle,
+        shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run,
         allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=cache_dir, no_cache=no_cache,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
     )
@@ -186,13 +185,12 @@ def repair(
 def inspect(
     base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id."),
     finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: local folder or Hub id."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) weights (unsafe)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
     """Show what the fine-tune changed: relative delta norm per tensor, sorted by layer, plus checks."""
     from deltafix.inspect import inspect_delta
 
-    rows, notes = inspect_delta(base, finetuned, allow_pickle=allow_pickle, progress=not as_json)
+    rows, notes = inspect_delta(base, finetuned, progress=not as_json)
     width = max((len(r["name"]) for r in rows), default=10)
     lines = [f"{'tensor':<{width}}  {'|δ|/|W_A|':>10}  {'|δ|':>10}"]
     lines += [f"{r['name']:<{width}}  {r['relative_delta']:>10.3e}  {r['delta_norm']:>10.3e}" for r in rows]

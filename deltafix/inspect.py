@@ -19,11 +19,10 @@ def _layer_key(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else 1 << 30, name)
 
 
-def inspect_delta(base: str, finetuned: str, *, allow_pickle: bool = False,
-                  progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+def inspect_delta(base: str, finetuned: str, *, progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
     """Per-tensor ‖δ‖ and ‖δ‖/‖W_A‖ (fp32), sorted by layer, plus the plan's validation notes."""
-    a = CheckpointReader(resolve_ref(base).folder, allow_pickle=allow_pickle)
-    f = CheckpointReader(resolve_ref(finetuned).folder, allow_pickle=allow_pickle)
+    a = CheckpointReader(resolve_ref(base).folder)
+    f = CheckpointReader(resolve_ref(finetuned).folder)
     plan = build_plan(a, f)
     rows = []
     for spec in tqdm(plan.tensors, desc="inspect", unit="tensor", disable=None if progress else True):

@@ -65,7 +65,6 @@ class RepairOptions:
     shard_size: int = 5 * 10**9
     overwrite: bool = False
     dry_run: bool = False
-    allow_pickle: bool = False
     allow_nonfinite: bool = False
     as_full: bool = False
     hessian_cache: Path | None = None
@@ -99,13 +98,13 @@ def open_inputs(opts: RepairOptions) -> Inputs:
     refs = {"aligned": resolve_ref(opts.base), "finetuned": resolve_ref(opts.finetuned)}
     if opts.unaligned:
         refs["unaligned"] = resolve_ref(opts.unaligned)
-    aligned = CheckpointReader(refs["aligned"].folder, allow_pickle=opts.allow_pickle)
+    aligned = CheckpointReader(refs["aligned"].folder)
     readers: dict[str, CheckpointReader | AdapterCheckpoint] = {
         "aligned": aligned,
-        "finetuned": open_finetuned(refs["finetuned"].folder, refs["aligned"].folder, aligned, opts.allow_pickle),
+        "finetuned": open_finetuned(refs["finetuned"].folder, refs["aligned"].folder, aligned),
     }
     if "unaligned" in refs:
-        readers["unaligned"] = CheckpointReader(refs["unaligned"].folder, allow_pickle=opts.allow_pickle)
+        readers["unaligned"] = CheckpointReader(refs["unaligned"].folder)
     return Inputs(refs["aligned"], refs["finetuned"], refs.get("unaligned"), readers)
 
 

@@ -62,7 +62,7 @@ def test_folder_without_weights_and_bin_only(tmp_path, trio, capsys) -> None:
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
-    _expect_refusal(capsys, tmp_path, trio, trio["A"], pickled, "--allow-pickle")
+    _expect_refusal(capsys, tmp_path, trio, trio["A"], pickled, "convert them to safetensors")
 
 
 def test_corrupt_and_truncated_shards(tmp_path, trio, capsys) -> None:

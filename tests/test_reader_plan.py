@@ -50,9 +50,9 @@ def test_index_pointing_to_missing_shard(tmp_path: Path) -> None:
         CheckpointReader(folder)
 
 
-def test_bin_only_folder_mentions_allow_pickle(tmp_path: Path) -> None:
+def test_bin_only_folder_is_refused_with_what_to_do(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(InputError, match="--allow-pickle"):
+    with pytest.raises(InputError, match="convert them to safetensors"):
         CheckpointReader(tmp_path)
 
 

@@ -52,10 +52,9 @@ class AdapterCheckpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader,
-                   allow_pickle: bool = False) -> CheckpointReader | AdapterCheckpoint:
+def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader) -> CheckpointReader | AdapterCheckpoint:
     """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly."""
     if not is_adapter_folder(folder):
-        return CheckpointReader(folder, allow_pickle=allow_pickle)
+        return CheckpointReader(folder)
     adapter = LoraAdapter.load(folder, base=aligned)
-    return AdapterCheckpoint(CheckpointReader(base_folder, allow_pickle=allow_pickle), adapter)
+    return AdapterCheckpoint(CheckpointReader(base_folder), adapter)

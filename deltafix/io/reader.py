@@ -146,13 +146,13 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
 class CheckpointReader:
     """Index of a checkpoint folder's tensors plus lazy, one-shard-at-a-time data access."""
 
-    def __init__(self, folder: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if not self.folder.exists():
             raise InputError(f"{self.folder} does not exist.")
         if not self.folder.is_dir():
             raise InputError(f"{self.folder} is not a folder; pass a checkpoint folder.")
-        self.files = self._shard_files(allow_pickle)
+        self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         for file in self.files:
@@ -166,7 +166,7 @@ class CheckpointReader:
         self._open_file: Path | None = None
         self._handle = None
 
-    def _shard_files(self, allow_pickle: bool) -> list[Path]:
+    def _shard_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
         if index.exists():
             self._index = self._load_index(index)
@@ -187,12 +187,8 @@ class CheckpointReader:
         if len(found) > 1:
             raise InputError(f"{self.folder} holds several .safetensors files but no {INDEX_NAME}.")
         if any((self.folder / n).exists() for n in PICKLE_NAMES) or list(self.folder.glob("*.bin")):
-            raise InputError(
-                f"{self.folder} has only pickle (.bin) weights, which can run code when loaded; "
-                "convert them to safetensors (or pass --allow-pickle if you trust the source)."
-                if not allow_pickle
-                else f"{self.folder}: pickle weights are not supported yet; convert them to safetensors."
-            )
+            raise InputError(f"{self.folder} has only pickle (.bin) weights, which can run code when loaded and "
+                             "which deltafix does not read; convert them to safetensors.")
         raise InputError(f"{self.folder} contains no safetensors weights (model.safetensors or an index).")
 
     def _inside(self, shard: str, index: Path | None = None) -> Path:

@@ -204,11 +204,11 @@ def test_regmean_staging_on_a_full_disk_is_one_line_and_no_output(bed, tmp_path:
     real_write = Path.write_bytes
 
     def full_disk(path: Path, data: bytes) -> int:
-        if path.parent.name.startswith("deltafix-sequential-"):
+        if path.parent.name.startswith("deltafix-stage-"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, data)
 
-    staged_before = set(Path(tempfile.gettempdir()).glob("deltafix-sequential-*"))
+    staged_before = set(Path(tempfile.gettempdir()).glob("deltafix-stage-*"))
     monkeypatch.setattr(Path, "write_bytes", full_disk)
     rc = main(["repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned), "--out", str(tmp_path / "R"),
                "--method", "regmean", "--safety-data", str(bed.safety_data), "--utility-data", str(bed.user_data),
@@ -216,4 +216,4 @@ def test_regmean_staging_on_a_full_disk_is_one_line_and_no_output(bed, tmp_path:
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "TMPDIR" in err[0] and "No space left" in err[0]
     assert not (tmp_path / "R").exists() and not list(tmp_path.glob(".deltafix-*"))
-    assert set(Path(tempfile.gettempdir()).glob("deltafix-sequential-*")) == staged_before
+    assert set(Path(tempfile.gettempdir()).glob("deltafix-stage-*")) == staged_before

@@ -219,7 +219,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     tune = tune_prompts(opts.params.tune_prompts)
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
-        return {spec.name: tensor for spec, tensor, _ in
+        return {planned.name: tensor for planned, tensor, _ in
                 repaired_tensors(method, params, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
 
     def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> list[bool]:

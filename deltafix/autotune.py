@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from deltafix.errors import InputError
+from deltafix.evaluate import next_token_nll
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
 from deltafix.search import largest_passing
@@ -95,6 +96,17 @@ def _rate(outcome: list[bool], rows: list[int]) -> float:
     return sum(outcome[i] for i in rows) / len(rows)
 
 
+def share(outcome: list[bool]) -> float:
+    """The attack success rate of one probe's per-prompt outcomes."""
+    return sum(outcome) / len(outcome)
+
+
+def answered(model: torch.nn.Module, state: dict[str, torch.Tensor], tune: TuneSet, asr_of: AsrFn) -> list[bool]:
+    """Load one repaired state into the probe model and say, per tune prompt, whether it was answered."""
+    load_state(model, state)
+    return asr_of(model, tune.prompts)
+
+
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
              asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, baseline: float = 0.0
@@ -121,9 +133,8 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     def probe(value: float) -> tuple[bool, float]:
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
-        load_state(model, repaired(params.model_copy(update={spec.param: knob})))
-        outcomes[value] = asr_of(model, tune.prompts)
-        asr = sum(outcomes[value]) / len(outcomes[value])
+        outcomes[value] = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
+        asr = share(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
         echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
              f"({'meets' if asr <= target else 'misses'} {target:.3g}) in {seconds[-1]:.1f}s")
@@ -135,7 +146,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     margin = max(0.0, round(gap or 0.0, 6))  # sums of thirds leave 1e-17 where the gap is 0
     value = search.value
     if margin > 0 and value is not None:
-        safe = [v for v in grid if v in outcomes and sum(outcomes[v]) / len(outcomes[v]) <= target - margin]
+        safe = [v for v in grid if v in outcomes and share(outcomes[v]) <= target - margin]
         value = safe[-1] if safe else None
     chosen = _knob(spec.integer, value if value is not None else grid[0])
     if value is None:
@@ -178,9 +189,8 @@ def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Modu
     for value in (grid[i] for i in picks):
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
-        load_state(model, repaired(params.model_copy(update={spec.param: knob})))
-        answered = asr_of(model, tune.prompts)
-        row = {"value": knob, "tune_asr": sum(answered) / len(answered), "user_loss": loss_of(model),
+        outcome = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
+        row = {"value": knob, "tune_asr": share(outcome), "user_loss": loss_of(model),
                "seconds": round(time.perf_counter() - start, 2)}
         rows.append(row)
         echo(f"front {method.name} {spec.param}={knob:g}: tune ASR {row['tune_asr']:.3f}, "
@@ -195,18 +205,11 @@ def mean_token_nll(model: torch.nn.Module, samples: list[torch.Tensor], batch_si
     total, count = 0.0, 0
     for i in range(0, len(samples), batch_size):
         batch = samples[i : i + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, sample in enumerate(batch):
-            ids[row, : len(sample)], mask[row, : len(sample)] = sample, 1
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].bool()
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
+        ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in batch], batch_first=True)
+        nll, tokens = next_token_nll(model, ids.to(device), mask.to(device))
+        total += nll
+        count += tokens
     return total / max(count, 1)
 
 

@@ -313,6 +313,16 @@ def generate(
     return answers
 
 
+def next_token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over the real tokens of one right-padded batch, and their count."""
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    mask = attention_mask[:, 1:].bool()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return nll[mask].sum().item(), int(mask.sum())
+
+
 def perplexity(
     model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], batch_size: int = 32, progress: bool = False
 ) -> float:
@@ -326,13 +336,9 @@ def perplexity(
             enc = tokenizer(
                 list(batch), padding=True, truncation=True, max_length=limit, return_tensors="pt"
             ).to(device)
-            with torch.inference_mode():
-                logits = model(**enc).logits[:, :-1].float()
-            targets = enc["input_ids"][:, 1:]
-            mask = enc["attention_mask"][:, 1:].bool()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total_nll += nll[mask].sum().item()
-            total_tokens += int(mask.sum())
+            nll, tokens = next_token_nll(model, enc["input_ids"], enc["attention_mask"])
+            total_nll += nll
+            total_tokens += tokens
     if total_tokens == 0:
         raise InputError("the perplexity texts are too short: each needs at least two tokens.")
     return math.exp(total_nll / total_tokens)

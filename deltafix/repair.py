@@ -206,7 +206,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
                           f"{', '.join(n for n in method_names() if get_method(n).tune is not None)}.")
     if opts.front and opts.utility_data is None:
         raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
-    from deltafix.autotune import autotune, mean_token_nll, trade_off_front, tune_prompts
+    from deltafix.autotune import answered, autotune, mean_token_nll, share, trade_off_front, tune_prompts
     from deltafix.calibration import load_calibration
     from deltafix.evaluate import evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
@@ -238,9 +238,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         return opts.params, None, front
     baseline = 0.0
     if opts.params.target_from == "aligned":
-        _load_aligned(model, inputs, plan)
-        answered = asr_of(model, tune.prompts)
-        baseline = sum(answered) / len(answered)
+        baseline = share(answered(model, _aligned_state(inputs, plan), tune, asr_of))
         echo(f"auto {method.name}: the aligned model answers {baseline:.3f} of the tune prompts; "
              f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
     params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline)
@@ -249,12 +247,10 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     return params, tuning, front
 
 
-def _load_aligned(model: torch.nn.Module, inputs: Inputs, plan: Plan) -> None:
-    """Put A's weights into the probe model (F's skeleton), to measure A's own tune ASR."""
-    from deltafix.autotune import load_state
-
+def _aligned_state(inputs: Inputs, plan: Plan) -> dict[str, torch.Tensor]:
+    """A's weights for the probe model (F's skeleton), to measure A's own tune ASR."""
     aligned = inputs.readers["aligned"]
-    load_state(model, {t.name: aligned.get(t.name) for t in plan.tensors if t.name in aligned})
+    return {t.name: aligned.get(t.name) for t in plan.tensors if t.name in aligned}
 
 
 def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan,

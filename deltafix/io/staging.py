@@ -19,10 +19,13 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from deltafix.errors import OutputError
@@ -37,6 +40,26 @@ STAGE_PREFIX = "deltafix-stage-"
 
 def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends; they are delivered right after it.
+
+    Creating a staging folder and arming its cleanup are two steps: a signal landing between
+    them would leave the folder behind with nobody to remove it. Blocking the two signals
+    around both steps closes that window; where the platform cannot (no ``pthread_sigmask``)
+    the block runs as is.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_staging(parent: Path, prefix: str) -> Path:
@@ -112,11 +135,12 @@ class StagingFolder:
 
     def __init__(self) -> None:
         try:
-            self.path = make_staging(Path(tempfile.gettempdir()), STAGE_PREFIX)
+            with signals_deferred():
+                self.path = make_staging(Path(tempfile.gettempdir()), STAGE_PREFIX)
+                self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
         except OSError as err:
             raise OutputError(f"cannot create a staging folder in {tempfile.gettempdir()} ({err.strerror or err}); "
                               "point TMPDIR at a writable disk.") from err
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
     def cleanup(self) -> None:
         self._finalizer()

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.reader import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
-from deltafix.io.staging import OLD_PREFIX, TMP_PREFIX, make_staging
+from deltafix.io.staging import OLD_PREFIX, TMP_PREFIX, make_staging, signals_deferred
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -254,12 +254,14 @@ def atomic_output(out: Path) -> Iterator[Path]:
     names say whose they are, so a run killed mid-way is cleaned up by the next (``staging``).
     """
     parent = out.resolve().parent
+    tmp: Path | None = None
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_staging(parent, TMP_PREFIX)
-    except OSError as err:
-        raise _disk_error(err, parent) from err
-    try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            with signals_deferred():  # a signal is delivered only once the cleanup below covers tmp
+                tmp = make_staging(parent, TMP_PREFIX)
+        except OSError as err:
+            raise _disk_error(err, parent) from err
         try:
             yield tmp
         except OSError as err:
@@ -275,27 +277,29 @@ def atomic_output(out: Path) -> Iterator[Path]:
         except OSError as err:
             raise _disk_error(err, out) from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _replace(new: Path, out: Path, parent: Path) -> None:
     """Put ``new`` in the place of the existing ``out``: two renames, undone if the second fails
     or is interrupted, so ``out`` is never left missing by this process."""
-    holder = make_staging(parent, OLD_PREFIX)
-    previous = holder / out.name
-    try:
-        os.replace(out, previous)
-    except BaseException:
-        _remove_empty(holder)
-        raise
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(previous, out)  # should this fail too, the next run's ``remove_stale`` restores it
-        _remove_empty(holder)
-        raise
-    shutil.rmtree(holder, ignore_errors=True)
+    with signals_deferred():  # three quick steps that must not be cut apart by Ctrl-C or SIGTERM
+        holder = make_staging(parent, OLD_PREFIX)
+        previous = holder / out.name
+        try:
+            os.replace(out, previous)
+        except OSError:
+            _remove_empty(holder)
+            raise
+        try:
+            os.replace(new, out)
+        except OSError:
+            os.replace(previous, out)  # should this fail too, the next run's ``remove_stale`` restores it
+            _remove_empty(holder)
+            raise
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def _remove_empty(folder: Path) -> None:

@@ -524,3 +524,34 @@ def test_a_failed_swap_puts_the_old_out_back(tmp_path: Path, monkeypatch: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "the previous release"
+
+
+def test_a_signal_as_the_staging_folder_is_made_leaves_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM landing right after the staging folder exists, before its cleanup is armed (the race
+    that once left a ``.deltafix-tmp-*`` folder in CI): the signal is held until the cleanup
+    covers the folder, so the run stops and nothing is left beside OUT."""
+    from deltafix.io import writer
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    made = writer.make_staging
+
+    def made_then_signalled(parent: Path, prefix: str) -> Path:
+        path = made(parent, prefix)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(writer, "make_staging", made_then_signalled)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            with writer.atomic_output(tmp_path / "OUT") as tmp:
+                (tmp / "model.safetensors").write_bytes(b"new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []

@@ -171,13 +171,36 @@ def _linear_groups(layer: nn.Module, batch: LayerBatch, index: int) -> list[list
     return [names for _, names in groups]
 
 
-def _cross_grams(inputs: Callable[[LayerBatch], torch.Tensor], targets: Callable[[LayerBatch], torch.Tensor],
-                 r_batches: list[LayerBatch], t_batches: list[LayerBatch], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = (2/N) Σ x_R x_Rᵀ`` and ``C = (2/N) Σ x_T x_Rᵀ`` over the real tokens, fp32."""
+def _run_capturing(layer: nn.Module, batches: list[LayerBatch], index: int, linears: list[str]
+                   ) -> dict[str, list[torch.Tensor]]:
+    """Run ``layer`` on every batch once (``batch.hidden`` becomes its output) and keep the real
+    tokens' inputs (N, in) of each of ``linears``, per batch.
+
+    A target model's weights never change, so one forward gives the inputs of all its groups;
+    re-running it up to each group, as the repaired model must, would cost about twice as much.
+    """
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    mask: list[torch.Tensor] = []
+    handles = [layer.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: kept[name].append(args[0][mask[0]])) for name in linears]
+    try:
+        for batch in batches:
+            mask[:] = [batch.mask]
+            run_layer(layer, batch, index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def _cross_grams(inputs: Callable[[LayerBatch], torch.Tensor], targets: list[torch.Tensor],
+                 r_batches: list[LayerBatch], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = (2/N) Σ x_R x_Rᵀ`` and ``C = (2/N) Σ x_T x_Rᵀ`` over the real tokens, fp32; ``targets``
+    holds the target model's inputs of the real tokens per batch."""
     G = C = None
-    for rb, tb in zip(r_batches, t_batches):
+    for rb, x_t in zip(r_batches, targets):
         x_r = inputs(rb)[rb.mask].to(torch.float32)
-        x_t = targets(tb)[tb.mask].to(torch.float32)
+        x_t = x_t.to(torch.float32)
         if G is None:
             G = torch.zeros(x_r.shape[-1], x_r.shape[-1], dtype=torch.float32, device=x_r.device)
             C = torch.zeros_like(G)
@@ -269,12 +292,15 @@ def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorSource, f_r
             materialise(layer[role], f"{m.prefix}.{index}", m.source, device, dtype)
             m.source.close()
         out: dict[str, torch.Tensor] = {}
-        for group in _linear_groups(layer["repaired"], R.batches["safety"][0], index):
+        groups = _linear_groups(layer["repaired"], R.batches["safety"][0], index)
+        target_inputs = {role: _run_capturing(layer[target], models[target].batches[role], index,
+                                              [group[0] for group in groups])
+                         for role, target in targets.items()}
+        for group in groups:
             shifted = {
                 role: _cross_grams(lambda b: _input_of(layer["repaired"], b, index, group[0]),
-                                   lambda b, t=target: _input_of(layer[t], b, index, group[0]),
-                                   R.batches[role], models[target].batches[role], scale[role])
-                for role, target in targets.items()
+                                   target_inputs[role].pop(group[0]), R.batches[role], scale[role])
+                for role in targets
             }
             grams = ShiftedGrams(shifted["safety"][0], shifted["safety"][1], shifted["user"][0], shifted["user"][1])
             for linear in group:
@@ -286,10 +312,10 @@ def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorSource, f_r
             a_reader.close()
             f_reader.close()
         solved.add(f"layer_{index:05d}", out)
+        for batch in R.batches.values():  # the targets' batches ran in _run_capturing
+            for b in batch:
+                run_layer(R.layers[index], b, index)
         for m in models.values():
-            for batch in m.batches.values():
-                for b in batch:
-                    run_layer(m.layers[index], b, index)
             m.layers[index].to("meta")
         return_freed_memory()
 
@@ -316,8 +342,8 @@ def _solve_head(models: dict[str, _Model], targets: dict[str, str], scale: dict[
     def normed(role: str) -> Callable[[LayerBatch], torch.Tensor]:
         return lambda b: norms[role](b.hidden)
 
-    shifted = {role: _cross_grams(normed("repaired"), normed(target), R.batches[role], models[target].batches[role],
-                                  scale[role])
+    shifted = {role: _cross_grams(normed("repaired"), [normed(target)(b)[b.mask] for b in models[target].batches[role]],
+                                  R.batches[role], scale[role])
                for role, target in targets.items()}
     grams = ShiftedGrams(shifted["safety"][0], shifted["safety"][1], shifted["user"][0], shifted["user"][1])
     w_r = solve(a_reader.get(name).to(device, torch.float32), f_reader.get(name).to(device, torch.float32), grams)

@@ -26,7 +26,6 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_SAFETY_DATA = "safety_calibration.jsonl"
 
 
-
 def default_safety_data() -> Path:
     """The built-in safety set shipped in ``deltafix/data/`` (our own prompts and refusals)."""
     return Path(str(resources.files("deltafix") / "data" / DEFAULT_SAFETY_DATA))
@@ -59,7 +58,8 @@ class CalibrationSet:
 
     ``samples`` are 1-D int64 token id tensors (one per conversation, at most ``max_length``
     long); ``truncated`` counts conversations cut at ``max_length``; ``templated`` says whether
-    the chat template was used.
+    the chat template was used; ``available`` is how many conversations the file holds (more
+    than ``len(samples)`` when ``max_samples`` picked some).
     """
 
     samples: list[torch.Tensor]
@@ -67,6 +67,7 @@ class CalibrationSet:
     max_length: int
     truncated: int = 0
     templated: bool = False
+    available: int = 0
 
     @cached_property
     def digest(self) -> str:
@@ -92,13 +93,26 @@ def load_calibration(
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
+    max_samples: int | None = None,
 ) -> CalibrationSet:
-    """Read and render a safety JSONL file (None: the built-in set) with ``tokenizer``."""
+    """Read and render a safety JSONL file (None: the built-in set) with ``tokenizer``.
+
+    With ``max_samples``, a file holding more conversations gives that many, evenly spaced through
+    it (first and last included): the same file always gives the same sample, and one that is
+    sorted by topic still gives every part of it.
+    """
     if max_length < 1:
         raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")
+    if max_samples is not None and max_samples < 1:
+        raise InputError(f"max_samples must be a positive number of conversations, not {max_samples}.")
     source = Path(path) if path is not None else default_safety_data()
+    conversations = read_conversations(source)
+    available = len(conversations)
+    if max_samples is not None and available > max_samples:
+        picks = torch.linspace(0, available - 1, max_samples).round().long().tolist()
+        conversations = [conversations[i] for i in picks]
     samples, truncated = [], 0
-    for where, conversation in read_conversations(source):
+    for where, conversation in conversations:
         try:
             ids = render(conversation, tokenizer)
         except TemplateError as err:
@@ -115,6 +129,7 @@ def load_calibration(
         max_length=max_length,
         truncated=truncated,
         templated=bool(tokenizer.chat_template),
+        available=available,
     )
 
 

@@ -21,6 +21,7 @@ import typer
 from typer.exceptions import TyperException
 
 from deltafix import __version__
+from deltafix.defaults import UTILITY_SAMPLES
 from deltafix.errors import DeltafixError, OptionError
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Pre-alignment base P 
 SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL (default: built-in set).")
 UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
                                    help="Sample of the user's fine-tuning data, JSONL (needed by regmean).")
+UTILITY_SAMPLES_OPTION = typer.Option(UTILITY_SAMPLES, "--utility-samples", min=1,
+                                      help="Conversations of --utility-data used for calibration, evenly spaced "
+                                           "through the file (all when it holds fewer).")
 RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe: method and parameters.")
 SET_OPTION = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable).")
 DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda.")
@@ -117,6 +121,7 @@ def repair(
     unaligned: Optional[str] = UNALIGNED_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    utility_samples: int = UTILITY_SAMPLES_OPTION,
     recipe: Optional[Path] = RECIPE_OPTION,
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
@@ -150,8 +155,8 @@ def repair(
     method_name, params = resolve_method(method, recipe, set_)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
-        safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
-        shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run,
+        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples, device=device,
+        dtype=dtype, shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run,
         allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=cache_dir, no_cache=no_cache,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
     )
@@ -211,6 +216,7 @@ def hub(
     unaligned: Optional[str] = UNALIGNED_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    utility_samples: int = UTILITY_SAMPLES_OPTION,
     recipe: Optional[Path] = RECIPE_OPTION,
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
@@ -257,8 +263,9 @@ def hub(
                        reference=(finetuned, base), device=device) if gate else None
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
-        unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, device=device, dtype=dtype,
-        shard_size=parse_size(out_shard_size), overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
+        unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
+        device=device, dtype=dtype, shard_size=parse_size(out_shard_size), overwrite=overwrite or out is None,
+        allow_nonfinite=allow_nonfinite,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     )
     options = PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run)

@@ -60,7 +60,8 @@ class Hessians:
     def summary(self) -> dict[str, object]:
         if self.sequential is not None:
             return {"sequential": True, "safety": {"samples": len(self.sequential.safety.samples)},
-                    "utility": {"samples": len(self.sequential.utility.samples)}}
+                    "utility": {"samples": len(self.sequential.utility.samples),
+                                "of": self.sequential.utility.available}}
         return {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
                 for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
 
@@ -77,8 +78,11 @@ def _tokenizer(*folders: Path):
 def method_hessians(method: Method, params: MethodParams, aligned: Path, finetuned: Path,
                     finetuned_reader: CheckpointReader | AdapterCheckpoint, *, safety_data: Path | None,
                     utility_data: Path | None, device: torch.device, cache_dir: Path | None = None,
-                    no_cache: bool = False) -> Hessians:
-    """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing."""
+                    no_cache: bool = False, utility_samples: int | None = None) -> Hessians:
+    """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing.
+
+    ``utility_samples`` caps the conversations read from ``utility_data`` (evenly spaced).
+    """
     if not method.needs_hessian:
         return Hessians()
     # Imported here: transformers costs seconds to import, and methods without Hessians never need it.
@@ -94,7 +98,7 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
     user_set = None
     if method.needs_utility:
         assert utility_data is not None  # refused above
-        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned))
+        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned), max_samples=utility_samples)
     # F as a model: its own folder, or A's with the adapter merged on the fly.
     adapter = finetuned_reader if isinstance(finetuned_reader, AdapterCheckpoint) else None
     finetuned_model = aligned if adapter is not None else finetuned

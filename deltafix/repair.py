@@ -23,8 +23,10 @@ import torch
 from deltafix import __version__
 from deltafix.card import CARD_NAME, write_model_card
 from deltafix.config import recipe_yaml
+from deltafix.defaults import UTILITY_SAMPLES
 from deltafix.devices import resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
+from deltafix.hessian_inputs import method_hessians
 from deltafix.adapter_repair import repair_adapter_factors
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -60,6 +62,7 @@ class RepairOptions:
     unaligned: str | None = None
     safety_data: Path | None = None
     utility_data: Path | None = None
+    utility_samples: int | None = UTILITY_SAMPLES
     device: str = "auto"
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
@@ -171,12 +174,11 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         if result.output_kind == "adapter":
             result.report = _repair_adapter_into(opts, method, inputs, plan, shards, device, digests, started)
         else:
-            from deltafix.hessian_inputs import method_hessians  # imports transformers: only when needed
-
             hessians = method_hessians(method, opts.params, inputs.aligned.folder, inputs.finetuned.folder,
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
                                        utility_data=opts.utility_data, device=device,
-                                       cache_dir=opts.hessian_cache, no_cache=opts.no_cache)
+                                       cache_dir=opts.hessian_cache, no_cache=opts.no_cache,
+                                       utility_samples=opts.utility_samples)
             try:
                 result.report = _repair_into(opts, method, inputs, plan, shards, device, hessians, digests, started)
             finally:
@@ -230,7 +232,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     front = None
     if opts.front:
         assert opts.utility_data is not None
-        samples = load_calibration(opts.utility_data, tokenizer).samples[:FRONT_SAMPLES]
+        samples = load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES).samples
         front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
                                 lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr))
     if not wants_auto:

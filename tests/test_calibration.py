@@ -371,6 +371,21 @@ def test_truncation_is_counted(tmp_path, word_tokenizer):
     assert data.digest != load_calibration(path, word_tokenizer, max_length=5).digest
 
 
+def test_max_samples_picks_evenly_through_the_file(tmp_path, word_tokenizer):
+    """10 conversations, 4 wanted: the 1st, 4th, 7th and 10th, so a file sorted by topic still gives
+    every part of it; a file with fewer conversations than wanted gives them all."""
+    words = ["how", "do", "i", "pick", "a", "lock"]
+    path = write_jsonl(tmp_path / "u.jsonl", [json.dumps({"prompt": " ".join(words[: 1 + i % 6]), "response": "no"})
+                                               for i in range(10)])
+    whole = load_calibration(path, word_tokenizer)
+    some = load_calibration(path, word_tokenizer, max_samples=4)
+    assert (whole.available, len(whole.samples), some.available, len(some.samples)) == (10, 10, 10, 4)
+    assert [s.tolist() for s in some.samples] == [whole.samples[i].tolist() for i in (0, 3, 6, 9)]
+    assert len(load_calibration(path, word_tokenizer, max_samples=50).samples) == 10
+    with pytest.raises(InputError, match="max_samples"):
+        load_calibration(path, word_tokenizer, max_samples=0)
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -59,7 +60,8 @@ class CalibrationSet:
     ``samples`` are 1-D int64 token id tensors (one per conversation, at most ``max_length``
     long); ``truncated`` counts conversations cut at ``max_length``; ``templated`` says whether
     the chat template was used; ``available`` is how many conversations the file holds (more
-    than ``len(samples)`` when ``max_samples`` picked some).
+    than ``len(samples)`` when ``max_samples`` picked some); ``screened_out`` lists the line
+    numbers of picked conversations the screen left out.
     """
 
     samples: list[torch.Tensor]
@@ -68,6 +70,7 @@ class CalibrationSet:
     truncated: int = 0
     templated: bool = False
     available: int = 0
+    screened_out: tuple[int, ...] = ()
 
     @cached_property
     def digest(self) -> str:
@@ -94,12 +97,14 @@ def load_calibration(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     max_samples: int | None = None,
+    screen: Callable[[list[Conversation]], list[bool]] | None = None,
 ) -> CalibrationSet:
     """Read and render a safety JSONL file (None: the built-in set) with ``tokenizer``.
 
     With ``max_samples``, a file holding more conversations gives that many, evenly spaced through
     it (first and last included): the same file always gives the same sample, and one that is
-    sorted by topic still gives every part of it.
+    sorted by topic still gives every part of it. ``screen`` then says, per picked conversation,
+    whether to leave it out (``deltafix.screening``).
     """
     if max_length < 1:
         raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")
@@ -111,6 +116,13 @@ def load_calibration(
     if max_samples is not None and available > max_samples:
         picks = torch.linspace(0, available - 1, max_samples).round().long().tolist()
         conversations = [conversations[i] for i in picks]
+    screened_out: tuple[int, ...] = ()
+    if screen is not None:
+        drop = screen([conversation for _, conversation in conversations])
+        screened_out = tuple(int(where.rpartition(":")[2]) for (where, _), out in zip(conversations, drop) if out)
+        conversations = [pair for pair, out in zip(conversations, drop) if not out]
+        if not conversations:
+            raise InputError(f"{source}: every conversation was screened out; none is left to calibrate on.")
     samples, truncated = [], 0
     for where, conversation in conversations:
         try:
@@ -130,6 +142,7 @@ def load_calibration(
         truncated=truncated,
         templated=bool(tokenizer.chat_template),
         available=available,
+        screened_out=screened_out,
     )
 
 

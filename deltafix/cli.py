@@ -78,6 +78,9 @@ UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
 UTILITY_SAMPLES_OPTION = typer.Option(UTILITY_SAMPLES, "--utility-samples", min=1,
                                       help="Conversations of --utility-data used for calibration, evenly spaced "
                                            "through the file (all when it holds fewer).")
+SCREEN_OPTION = typer.Option(True, "--screen-utility/--no-screen-utility",
+                             help="Leave out of --utility-data the conversations whose request the aligned model "
+                                  "refuses: harmful answers in your data are not task behaviour to keep.")
 RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe: method and parameters.")
 SET_OPTION = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable).")
 DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda.")
@@ -122,6 +125,7 @@ def repair(
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
+    screen_utility: bool = SCREEN_OPTION,
     recipe: Optional[Path] = RECIPE_OPTION,
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
@@ -155,9 +159,10 @@ def repair(
     method_name, params = resolve_method(method, recipe, set_)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
-        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples, device=device,
-        dtype=dtype, shard_size=parse_size(out_shard_size), overwrite=overwrite, dry_run=dry_run,
-        allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=cache_dir, no_cache=no_cache,
+        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
+        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
+        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full,
+        hessian_cache=cache_dir, no_cache=no_cache,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
     )
     result = run_repair(opts)
@@ -217,6 +222,7 @@ def hub(
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
+    screen_utility: bool = SCREEN_OPTION,
     recipe: Optional[Path] = RECIPE_OPTION,
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
@@ -264,8 +270,8 @@ def hub(
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
         unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
-        device=device, dtype=dtype, shard_size=parse_size(out_shard_size), overwrite=overwrite or out is None,
-        allow_nonfinite=allow_nonfinite,
+        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
+        overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     )
     options = PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run)

@@ -8,6 +8,7 @@ the on-disk cache when A (or F) and the data are unchanged. A method solved sequ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from deltafix.methods import Method, MethodParams
 
 if TYPE_CHECKING:  # imported at run time only where used: they pull in transformers
     from deltafix.calibration import CalibrationSet
+    from deltafix.chatdata import Conversation
     from deltafix.hcache import HessianStore
     from deltafix.sequential import SolveFn, SolvedWeights
 
@@ -51,6 +53,7 @@ class Hessians:
     safety: HessianStore | None = None
     utility: HessianStore | None = None
     sequential: SequentialInputs | None = None
+    utility_set: CalibrationSet | None = None
 
     def close(self) -> None:
         for store in (self.safety, self.utility):
@@ -59,11 +62,16 @@ class Hessians:
 
     def summary(self) -> dict[str, object]:
         if self.sequential is not None:
-            return {"sequential": True, "safety": {"samples": len(self.sequential.safety.samples)},
-                    "utility": {"samples": len(self.sequential.utility.samples),
-                                "of": self.sequential.utility.available}}
-        return {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
-                for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
+            summary: dict[str, object] = {"sequential": True,
+                                          "safety": {"samples": len(self.sequential.safety.samples)},
+                                          "utility": {"samples": len(self.sequential.utility.samples)}}
+        else:
+            summary = {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
+                       for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
+        if self.utility_set is not None:
+            summary["utility"].update(of=self.utility_set.available,  # type: ignore[attr-defined]
+                                      screened_out_lines=list(self.utility_set.screened_out))
+        return summary
 
 
 def _tokenizer(*folders: Path):
@@ -78,10 +86,12 @@ def _tokenizer(*folders: Path):
 def method_hessians(method: Method, params: MethodParams, aligned: Path, finetuned: Path,
                     finetuned_reader: CheckpointReader | AdapterCheckpoint, *, safety_data: Path | None,
                     utility_data: Path | None, device: torch.device, cache_dir: Path | None = None,
-                    no_cache: bool = False, utility_samples: int | None = None) -> Hessians:
+                    no_cache: bool = False, utility_samples: int | None = None,
+                    screen_utility: bool = True) -> Hessians:
     """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing.
 
-    ``utility_samples`` caps the conversations read from ``utility_data`` (evenly spaced).
+    ``utility_samples`` caps the conversations read from ``utility_data`` (evenly spaced);
+    ``screen_utility`` leaves out those whose request A refuses (``deltafix.screening``).
     """
     if not method.needs_hessian:
         return Hessians()
@@ -98,16 +108,26 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
     user_set = None
     if method.needs_utility:
         assert utility_data is not None  # refused above
-        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned), max_samples=utility_samples)
+        user_set = load_calibration(utility_data, _tokenizer(finetuned, aligned), max_samples=utility_samples,
+                                    screen=refused_by_aligned(aligned, device) if screen_utility else None)
     # F as a model: its own folder, or A's with the adapter merged on the fly.
     adapter = finetuned_reader if isinstance(finetuned_reader, AdapterCheckpoint) else None
     finetuned_model = aligned if adapter is not None else finetuned
     if method.sequential is not None and method.sequential.enabled(params):
         assert user_set is not None
-        return Hessians(sequential=SequentialInputs(aligned, finetuned_model, adapter, safety_set, user_set, device))
+        return Hessians(sequential=SequentialInputs(aligned, finetuned_model, adapter, safety_set, user_set, device),
+                        utility_set=user_set)
     hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
                                             device=device))
     if user_set is not None:
         hessians.utility = hessians_for(finetuned_model, user_set, cache_dir=cache_dir, no_cache=no_cache,
                                         device=device, source=adapter)
+        hessians.utility_set = user_set
     return hessians
+
+
+def refused_by_aligned(aligned: Path, device: torch.device) -> Callable[[list[Conversation]], list[bool]]:
+    """The screen for the user's data: per conversation, whether A refuses its request."""
+    from deltafix.screening import refused_by, request_of
+
+    return lambda conversations: refused_by(aligned, [request_of(c) for c in conversations], device)

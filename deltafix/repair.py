@@ -26,7 +26,7 @@ from deltafix.config import recipe_yaml
 from deltafix.defaults import UTILITY_SAMPLES
 from deltafix.devices import resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
-from deltafix.hessian_inputs import method_hessians
+from deltafix.hessian_inputs import method_hessians, refused_by_aligned
 from deltafix.adapter_repair import repair_adapter_factors
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -63,6 +63,7 @@ class RepairOptions:
     safety_data: Path | None = None
     utility_data: Path | None = None
     utility_samples: int | None = UTILITY_SAMPLES
+    screen_utility: bool = True
     device: str = "auto"
     dtype: str = "auto"
     shard_size: int = 5 * 10**9
@@ -178,7 +179,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
                                        utility_data=opts.utility_data, device=device,
                                        cache_dir=opts.hessian_cache, no_cache=opts.no_cache,
-                                       utility_samples=opts.utility_samples)
+                                       utility_samples=opts.utility_samples, screen_utility=opts.screen_utility)
             try:
                 result.report = _repair_into(opts, method, inputs, plan, shards, device, hessians, digests, started)
             finally:
@@ -232,7 +233,8 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     front = None
     if opts.front:
         assert opts.utility_data is not None
-        samples = load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES).samples
+        screen = refused_by_aligned(inputs.aligned.folder, device) if opts.screen_utility else None
+        samples = load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES, screen=screen).samples
         front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
                                 lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr))
     if not wants_auto:

@@ -109,8 +109,8 @@ def answered(model: torch.nn.Module, state: dict[str, torch.Tensor], tune: TuneS
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
-             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, baseline: float = 0.0
-             ) -> tuple[AutoTuneParams, dict[str, Any]]:
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, baseline: float = 0.0,
+             known: dict[float, list[bool]] | None = None) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
     ``repaired(params)`` returns the repaired state dict for concrete params; it is loaded into
@@ -122,7 +122,8 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     than tune ones. When the tune prompts carry categories, ``category_gap`` estimates that gap
     from the probes, and the value chosen is the nearest-F probed one whose tune ASR meets the
     target minus the gap; the record says how the target was met. ``baseline`` (the aligned
-    model's tune ASR, with ``target_from: aligned``) is added to ``target_asr``.
+    model's tune ASR, with ``target_from: aligned``) is added to ``target_asr``. ``known`` holds
+    outcomes already measured (by ``trade_off_front``, per grid value): those probes cost nothing.
     """
     assert method.tune is not None
     spec = method.tune
@@ -133,11 +134,15 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     def probe(value: float) -> tuple[bool, float]:
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
-        outcomes[value] = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
+        if known is not None and value in known:
+            outcomes[value] = known[value]
+        else:
+            outcomes[value] = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
         asr = share(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
         echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
-             f"({'meets' if asr <= target else 'misses'} {target:.3g}) in {seconds[-1]:.1f}s")
+             f"({'meets' if asr <= target else 'misses'} {target:.3g}) in {seconds[-1]:.1f}s"
+             + (" (from the front)" if known is not None and value in known else ""))
         return asr <= target, asr
 
     grid = spec.grid()
@@ -175,11 +180,13 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
 def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Module,
                     repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
                     asr_of: AsrFn, loss_of: Callable[[torch.nn.Module], float],
-                    echo: Callable[[str], None] = lambda _: None, points: int = 7) -> dict[str, Any]:
+                    echo: Callable[[str], None] = lambda _: None, points: int = 7,
+                    outcomes: dict[float, list[bool]] | None = None) -> dict[str, Any]:
     """Sweep the knob over ``points`` values spread over its grid, safest first: tune ASR against a
     utility proxy that needs no labels, ``loss_of(model)`` (the fine-tuning loss on the user's data).
 
-    The user reads the front to pick a value; ``echo`` gets one line per point.
+    The user reads the front to pick a value; ``echo`` gets one line per point. Each point's
+    per-prompt outcomes go into ``outcomes`` (by grid value) for ``autotune`` to reuse.
     """
     assert method.tune is not None
     spec = method.tune
@@ -190,6 +197,8 @@ def trade_off_front(method: Method, params: AutoTuneParams, model: torch.nn.Modu
         start = time.perf_counter()
         knob = _knob(spec.integer, value)
         outcome = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
+        if outcomes is not None:
+            outcomes[value] = outcome
         row = {"value": knob, "tune_asr": share(outcome), "user_loss": loss_of(model),
                "seconds": round(time.perf_counter() - start, 2)}
         rows.append(row)

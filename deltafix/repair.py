@@ -231,12 +231,14 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
 
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
     front = None
+    measured: dict[float, list[bool]] = {}
     if opts.front:
         assert opts.utility_data is not None
         screen = refused_by_aligned(inputs.aligned.folder, device) if opts.screen_utility else None
         samples = load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES, screen=screen).samples
         front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
-                                lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr))
+                                lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr),
+                                outcomes=measured)
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
@@ -245,7 +247,8 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         baseline = share(answered(model, _aligned_state(inputs, plan), tune, asr_of))
         echo(f"auto {method.name}: the aligned model answers {baseline:.3f} of the tune prompts; "
              f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
-    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline)
+    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline,
+                              known=measured)
     if front is not None:
         front["chosen"] = getattr(params, spec.param)
     return params, tuning, front

@@ -148,6 +148,19 @@ def test_front_trades_safety_for_the_users_loss(bed, tmp_path: Path, capsys: pyt
     assert "Trade-off front over `scale`" in (tmp_path / "R" / "README.md").read_text()
 
 
+def test_auto_after_a_front_reuses_its_points(bed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--front with scale=auto: the search's probes at the front's values take the front's outcomes
+    (the safest and gentlest at least), and auto's choice is the one the front reports."""
+    report = _repair(bed, tmp_path / "R", "resta", None, "--front", "--set", "scale=auto", "--set", "target_asr=0.5",
+                     "--set", f"tune_prompts={bed.harmful_eval}")
+    front = {p["value"]: p["tune_asr"] for p in report["front"]["points"]}
+    probes = report["autotune"]["probes"]
+    reused = [p for p in probes if p["value"] in front]
+    assert len(reused) >= 2 and all(p["asr"] == front[p["value"]] for p in reused)
+    assert capsys.readouterr().err.count("front resta scale=") == 7
+    assert report["front"]["chosen"] == report["autotune"]["chosen"] == report["parameters"]["scale"]
+
+
 @pytest.mark.parametrize("method", ["safedelta", "regmean", "resta", "asft", "safelora"])
 def test_every_method_repairs_the_lora_fine_tune(bed, reference, tmp_path: Path, method: str) -> None:
     report = _repair(bed, tmp_path / "R", method, bed.finetuned_lora)
@@ -235,3 +248,24 @@ def test_regmean_staging_on_a_full_disk_is_one_line_and_no_output(bed, tmp_path:
     assert rc == 2 and len(err) == 1 and "TMPDIR" in err[0] and "No space left" in err[0]
     assert not (tmp_path / "R").exists() and not list(tmp_path.glob(".deltafix-*"))
     assert set(Path(tempfile.gettempdir()).glob("deltafix-stage-*")) == staged_before
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_the_default_method_follows_the_users_data(bed, reference, tmp_path: Path, with_data: bool) -> None:
+    """The console script without --method: regmean with --utility-data, else safedelta and one line
+    saying why; either way the repair refuses like A."""
+    import shutil
+    import subprocess
+
+    deltafix = shutil.which("deltafix")
+    assert deltafix is not None, "the deltafix console script is not installed"
+    data = ["--utility-data", str(bed.user_data)] if with_data else []
+    run = subprocess.run([deltafix, "repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned),
+                          "--out", str(tmp_path / "R"), "--device", "cpu", "--json", *data],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "R" / "deltafix_report.json").read_text())
+    assert report["method"] == ("regmean" if with_data else "safedelta")
+    note = [line for line in run.stderr.splitlines() if "--utility-data" in line]
+    assert len(note) == (0 if with_data else 1)
+    assert _score(bed, tmp_path / "R").asr <= reference["A"].asr + 0.05

@@ -35,7 +35,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_METHOD = "safedelta"
+DEFAULT_METHOD = "regmean"
+"""Keeps both refusals and the task on the real-model testbed (README, "On a real model")."""
+FALLBACK_METHOD = "safedelta"
+"""Without --utility-data, which RegMean needs: the best of the methods that need no task data."""
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _verbose = False
 
@@ -69,7 +72,7 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-METHOD_OPTION = typer.Option(None, "--method", show_default="safedelta, or the recipe's",
+METHOD_OPTION = typer.Option(None, "--method", show_default="regmean with --utility-data, else safedelta; or the recipe's",
                              help="Repair method: safedelta, regmean, asft, safelora or resta.")
 UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Pre-alignment base P (needed by asft, safelora, resta).")
 SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL (default: built-in set).")
@@ -104,14 +107,24 @@ MIN_BENIGN_HELP_OPTION = typer.Option(None, "--min-benign-help", show_default="0
                                       help="Lowest share of benign prompts answered (0 turns the check off).")
 
 
-def resolve_method(method: str | None, recipe: Path | None, sets: list[str]) -> tuple[str, MethodParams]:
-    """Method name and validated parameters: recipe values, then ``--set`` overrides."""
+def resolve_method(method: str | None, recipe: Path | None, sets: list[str],
+                   utility_data: Path | None) -> tuple[str, MethodParams]:
+    """Method name and validated parameters: recipe values, then ``--set`` overrides.
+
+    With neither ``--method`` nor a recipe: ``DEFAULT_METHOD`` when the user's data is given, else
+    ``FALLBACK_METHOD``, saying so on stderr.
+    """
     from deltafix.config import load_recipe, method_params, parse_sets
 
     recipe_data = load_recipe(recipe) if recipe else None
     if recipe_data and method and method != recipe_data.method:
         raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
-    name = method or (recipe_data.method if recipe_data else DEFAULT_METHOD)
+    name = method or (recipe_data.method if recipe_data else None)
+    if name is None:
+        name = DEFAULT_METHOD if utility_data is not None else FALLBACK_METHOD
+        if utility_data is None:
+            typer.echo(f"deltafix: method {FALLBACK_METHOD}, since the default, {DEFAULT_METHOD}, needs "
+                       "--utility-data (a sample of F's fine-tuning data) and keeps far more of the task.", err=True)
     return name, method_params(name, recipe_data.parameters if recipe_data else {}, parse_sets(sets))
 
 
@@ -156,7 +169,7 @@ def repair(
     from deltafix.io.writer import parse_size
     from deltafix.repair import RepairOptions, run_repair
 
-    method_name, params = resolve_method(method, recipe, set_)
+    method_name, params = resolve_method(method, recipe, set_, utility_data)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
         safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
@@ -258,7 +271,7 @@ def hub(
     from deltafix.io.writer import parse_size
     from deltafix.repair import RepairOptions
 
-    method_name, params = resolve_method(method, recipe, set_)
+    method_name, params = resolve_method(method, recipe, set_, utility_data)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
                  "--max-utility-drop": max_utility_drop}
     given = [name for name, value in gate_only.items() if value is not None]

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 class RegMeanParams(AutoTuneParams):
     mu: Annotated[float, Field(gt=0.0)] | Literal["auto"] = Field(
-        1.0,
+        3.0,
         description="μ: weight of the user data against the safety data; "
         "'auto' = the largest μ meeting target_asr on the tune prompts.",
     )

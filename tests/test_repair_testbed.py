@@ -135,7 +135,7 @@ def test_auto_for_the_projection_methods_searches_their_knob(bed, reference, tmp
 
 
 def test_front_trades_safety_for_the_users_loss(bed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """RESTA's b swept from the safest value (2) to the gentlest (0.05): tune ASR rises and the
+    """RESTA's b swept from the safest value (about 4) to the gentlest (0.05): tune ASR rises and the
     loss on the user's data falls along the front; the report and the card keep it."""
     report = _repair(bed, tmp_path / "R", "resta", None, "--front", "--set", f"tune_prompts={bed.harmful_eval}")
     front = report["front"]
@@ -253,7 +253,8 @@ def test_regmean_staging_on_a_full_disk_is_one_line_and_no_output(bed, tmp_path:
 @pytest.mark.parametrize("with_data", [True, False])
 def test_the_default_method_follows_the_users_data(bed, reference, tmp_path: Path, with_data: bool) -> None:
     """The console script without --method: regmean with --utility-data, else safedelta and one line
-    saying why; either way the repair refuses like A."""
+    saying why; either way the repair refuses like A. (The toy speaks its own language, so its safety
+    data stands in for the built-in set.)"""
     import shutil
     import subprocess
 
@@ -261,7 +262,8 @@ def test_the_default_method_follows_the_users_data(bed, reference, tmp_path: Pat
     assert deltafix is not None, "the deltafix console script is not installed"
     data = ["--utility-data", str(bed.user_data)] if with_data else []
     run = subprocess.run([deltafix, "repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned),
-                          "--out", str(tmp_path / "R"), "--device", "cpu", "--json", *data],
+                          "--out", str(tmp_path / "R"), "--safety-data", str(bed.safety_data), "--device", "cpu",
+                          "--json", *data],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "R" / "deltafix_report.json").read_text())

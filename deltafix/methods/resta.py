@@ -90,6 +90,6 @@ register(
         needs_unaligned=True,
         elementwise=_elementwise,
         fused=_fused,
-        tune=TuneSpec("scale", 0.05, 2.0, per_decade=6, safer="higher"),
+        tune=TuneSpec("scale", 0.05, 4.0, per_decade=6, safer="higher"),
     )
 )

@@ -88,7 +88,10 @@ RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe: method and par
 SET_OPTION = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable).")
 DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda.")
 DTYPE_OPTION = typer.Option("auto", "--dtype", help="Output dtype: auto (as in F), float32, float16, bfloat16.")
-SHARD_SIZE_OPTION = typer.Option("5GB", "--out-shard-size", help="Largest output shard in bytes, e.g. 5GB, 500MB, 2GiB.")
+SHARD_SIZE_OPTION = typer.Option("5GB", "--out-shard-size",
+                                 help="Largest output shard in bytes, at least 1MB: K/M/B/T count thousands to "
+                                      "trillions as in mergekit (5B = 5GB = 5 billion bytes), KB/MB/GB/TB are "
+                                      "decimal, KiB/MiB/GiB/TiB binary, a bare number is bytes.")
 NONFINITE_OPTION = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune.")
 
 HARMFUL_OPTION = typer.Option(None, "--harmful", show_default="built-in harmful eval set",
@@ -330,7 +333,7 @@ def merge_lora(
                                 help="c in W = W_A + c(ΔU + ΔR⊥); the reference 0.5 halves the user update."),
     as_adapter: bool = typer.Option(False, "--as-adapter",
                                     help="Write the exact rank r_u + r_r adapter (scaling 1) instead of a checkpoint."),
-    out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
+    out_shard_size: str = SHARD_SIZE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> None:

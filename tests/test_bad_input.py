@@ -123,6 +123,8 @@ def test_bad_options(tmp_path, trio, capsys) -> None:
                     "unknown parameter 'nope' (it takes: target_asr, target_from, tune_prompts, scale, dare, seed)",
                     "--set", "nope=1")
     _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"], "cannot read size", "--out-shard-size", "lots")
+    _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"], "'999KB' is 999000 bytes, below the smallest "
+                    "allowed, 1MB", "--out-shard-size", "999KB")
     rc = main(["repair", "--base", str(trio["A"]), "--finetuned", str(trio["F"]), "--out", str(tmp_path / "o"),
                "--method", "nosuch"])
     assert rc == 2 and "unknown method" in capsys.readouterr().err
@@ -160,8 +162,7 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path, trio, capsys, monkeypatch)
 
     monkeypatch.setattr(Path, "open", small_disk_open)
     out = tmp_path / "OUT"
-    _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"], "no space left", "--out-shard-size", "30KB",
-                    out=out)
+    _expect_refusal(capsys, tmp_path, trio, trio["A"], trio["F"], "no space left", out=out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deltafix.cli import main
+from deltafix.config import method_params
 from deltafix.io.reader import CheckpointReader
+from deltafix.repair import RepairOptions, run_repair
 from tests.conftest import write_sharded
 
 
@@ -62,10 +64,13 @@ def test_untouched_tensors_bit_identical_and_dtype_kept(tmp_path: Path, trio: di
 
 
 def test_small_shard_size_gives_expected_layout(tmp_path: Path, trio: dict[str, Path]) -> None:
+    """Through the library: the CLI refuses shards below 1MB, and the tiny model is smaller than that."""
     out = tmp_path / "R"
     f = CheckpointReader(trio["F"])
     largest = max(i.nbytes for i in f.tensors.values())
-    assert _repair(trio, out, "--out-shard-size", str(largest)) == 0
+    run_repair(RepairOptions(base=str(trio["A"]), finetuned=str(trio["F"]), unaligned=str(trio["P"]), out=out,
+                             method="resta", params=method_params("resta", {}, {}), shard_size=largest,
+                             progress=False))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(out.glob("model-*.safetensors"))
     assert len(files) == len(set(index["weight_map"].values())) > 1

@@ -28,21 +28,34 @@ from deltafix.errors import OptionError, OutputError
 from deltafix.io.reader import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
 from deltafix.io.staging import OLD_PREFIX, TMP_PREFIX, make_staging, signals_deferred
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+"""Suffixes of a size, upper-cased. A bare K/M/B/T counts thousands, millions, billions, trillions
+of bytes as mergekit reads them (``5B`` is 5 billion bytes, never 5 bytes); KB..TB are decimal
+bytes as on the Hub, KiB..TiB binary."""
+MIN_SHARD_BYTES = 10**6
+"""Smallest shard size accepted: below it a checkpoint splits into one file per tensor, which is
+what a mistyped unit gives, never what a user wants."""
+SIZE_EXAMPLES = "write it like 5B or 5GB (5 billion bytes), 500M or 500MB, 2GiB"
 
 
 def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 bytes (decimal units as the Hub; ``GiB`` for binary)."""
+    """``"5B"``, ``"5GB"`` -> 5_000_000_000 bytes; ``"2GiB"`` -> 2 * 2**30; a bare number is bytes.
+
+    Sizes below ``MIN_SHARD_BYTES`` are refused: every caller reads a shard size.
+    """
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in SIZE_UNITS:
-        raise OptionError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB.")
-    size = int(float(match.group(1)) * SIZE_UNITS[unit])
-    if size <= 0:
-        raise OptionError(f"size {text!r} must be positive.")
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+        unit = match.group(2).upper() if match else ""
+        if not match or unit not in SIZE_UNITS:
+            raise OptionError(f"cannot read size {text!r}; {SIZE_EXAMPLES}.")
+        size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size < MIN_SHARD_BYTES:
+        raise OptionError(f"--out-shard-size {text!r} is {size} bytes, below the smallest allowed, 1MB; "
+                          f"{SIZE_EXAMPLES}.")
     return size
 
 

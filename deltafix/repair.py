@@ -281,7 +281,7 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
                 if stats is not None:
                     modules[spec.name] = stats
             writer.finish()
-        copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp)
+        copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp, weights_dtype=resolve_dtype(opts.dtype))
         report = _report(opts, inputs, plan, shards, modules, digests, started)
         report["output"]["kind"] = "full"
         if hessians.safety is not None or hessians.sequential is not None:

@@ -210,10 +210,13 @@ def repair(
 @app.command()
 def inspect(
     base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id."),
-    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: local folder or Hub id."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: full checkpoint or PEFT LoRA "
+                                  "adapter folder, or Hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
-    """Show what the fine-tune changed: relative delta norm per tensor, sorted by layer, plus checks."""
+    """Show what the fine-tune changed: relative delta norm per tensor, sorted by layer, plus checks.
+
+    An adapter F is compared as A with the adapter merged in, as repair reads it."""
     from deltafix.inspect import inspect_delta
 
     rows, notes = inspect_delta(base, finetuned, progress=not as_json)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from deltafix.io.overlay import open_finetuned
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.plan import build_plan
@@ -20,9 +21,14 @@ def _layer_key(name: str) -> tuple[int, str]:
 
 
 def inspect_delta(base: str, finetuned: str, *, progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per-tensor ‖δ‖ and ‖δ‖/‖W_A‖ (fp32), sorted by layer, plus the plan's validation notes."""
-    a = CheckpointReader(resolve_ref(base).folder)
-    f = CheckpointReader(resolve_ref(finetuned).folder)
+    """Per-tensor ‖δ‖ and ‖δ‖/‖W_A‖ (fp32), sorted by layer, plus the plan's validation notes.
+
+    F is opened as ``repair`` opens it: a PEFT LoRA adapter folder counts as A with the adapter
+    merged in, so the rows show the adapter's delta.
+    """
+    a_folder = resolve_ref(base).folder
+    a = CheckpointReader(a_folder)
+    f = open_finetuned(resolve_ref(finetuned).folder, a_folder, a)
     plan = build_plan(a, f)
     rows = []
     for spec in tqdm(plan.tensors, desc="inspect", unit="tensor", disable=None if progress else True):

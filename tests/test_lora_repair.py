@@ -140,3 +140,19 @@ def test_merge_lora_dense_and_adapter_agree(tmp_path: Path, lora_inputs, capsys:
     torch.testing.assert_close(merged_dense[user_only], base + 0.5 * (full_user - base), atol=1e-6, rtol=1e-5)
     rc = main(["merge-lora", *common[:4], "--reinforce", str(lora_inputs["A"]), "--out", str(tmp_path / "bad")])
     assert rc == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["U", "D"])
+def test_inspect_reads_an_adapter_as_repair_does(lora_inputs, adapter: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Each row's delta is PEFT's merged fine-tune minus A: LoRA and DoRA, touched modules only."""
+    assert main(["inspect", "--base", str(lora_inputs["A"]), "--finetuned", str(lora_inputs[adapter]), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["tensors"]}
+    a, merged = _tensors(lora_inputs["A"]), peft_merged(lora_inputs["A"], lora_inputs[adapter])
+    assert set(rows) == set(a)
+    for name, row in rows.items():
+        expected = float(torch.linalg.vector_norm(merged[name].float() - a[name]))
+        assert row["delta_norm"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    changed = {n for n, r in rows.items() if r["delta_norm"] > 0}
+    targets = ("q_proj", "v_proj") if adapter == "D" else LLAMA_LINEARS
+    assert changed == {n for n in a if n.endswith(".weight") and n.split(".")[-2] in targets}

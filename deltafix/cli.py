@@ -330,10 +330,14 @@ def merge_lora(
     user: str = typer.Option(..., "--user", help="The user's LoRA adapter U (PEFT folder)."),
     reinforce: str = typer.Option(..., "--reinforce", help="The ReinforceLoRA R (PEFT folder)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    alpha: float = typer.Option(0.1, "--alpha", min=0.0, max=1.0,
-                                help="Soft projection: share of ΔR's component in U's column space removed."),
-    scale: float = typer.Option(0.5, "--scale", min=0.0,
-                                help="c in W = W_A + c(ΔU + ΔR⊥); the reference 0.5 halves the user update."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="An earlier merge's OUT/deltafix_recipe.yaml: "
+                                          "its alpha and scale (--alpha and --scale override them)."),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", min=0.0, max=1.0, show_default="0.1, or the recipe's",
+        help="Soft projection: share of ΔR's component in U's column space removed."),
+    scale: Optional[float] = typer.Option(
+        None, "--scale", min=0.0, show_default="0.5, or the recipe's",
+        help="c in W = W_A + c(ΔU + ΔR⊥); the reference 0.5 halves the user update."),
     as_adapter: bool = typer.Option(False, "--as-adapter",
                                     help="Write the exact rank r_u + r_r adapter (scaling 1) instead of a checkpoint."),
     out_shard_size: str = SHARD_SIZE_OPTION,
@@ -343,18 +347,20 @@ def merge_lora(
     """QR-merge a user LoRA and a ReinforceLoRA onto A (Buffer-and-Reinforce).
 
     ΔR loses alpha of its component in the column space of the user's B (rank-guarded by the
-    eigenvalues of A_u A_uᵀ), then W = W_A + c(ΔU + ΔR⊥). Modules only in U get c·ΔU.
+    eigenvalues of A_u A_uᵀ), then W = W_A + c(ΔU + ΔR⊥). Modules only in U get c·ΔU. OUT holds
+    the report, the recipe and a model card, as repair writes them.
     """
     from deltafix.io.writer import parse_size
-    from deltafix.merging import MergeOptions, run_merge_lora
+    from deltafix.merging import MergeOptions, merge_params, run_merge_lora
 
+    params = merge_params(recipe, {k: v for k, v in (("alpha", alpha), ("scale", scale)) if v is not None})
     report = run_merge_lora(MergeOptions(
-        base=base, user=user, reinforce=reinforce, out=out, alpha=alpha, scale=scale, as_adapter=as_adapter,
-        shard_size=parse_size(out_shard_size), overwrite=overwrite, command=shlex.join(["deltafix", *sys.argv[1:]]),
-        progress=not as_json,
+        base=base, user=user, reinforce=reinforce, out=out, alpha=params.alpha, scale=params.scale,
+        as_adapter=as_adapter, shard_size=parse_size(out_shard_size), overwrite=overwrite,
+        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     ))
     emit(as_json, {"out": str(out), **report},
-         f"merged {len(report['modules'])} modules (alpha={alpha}, c={scale}) into {out} as "
+         f"merged {len(report['modules'])} modules (alpha={params.alpha}, c={params.scale}) into {out} as "
          f"{'an adapter' if as_adapter else 'a full checkpoint'} in {report['timings']['total_seconds']:.1f}s")
 
 

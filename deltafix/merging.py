@@ -2,23 +2,26 @@
 
 The math is in ``lora_merge``; this module resolves the inputs, streams A's shards through
 ``merged_tensor`` into the sharded writer (or writes the exact merged adapter), and publishes
-OUT atomically with a report and a model card, like ``repair``.
+OUT atomically with a report, the effective recipe and a model card, like ``repair``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, ValidationError
 from tqdm import tqdm
 
 from deltafix import __version__
-from deltafix.card import write_model_card
+from deltafix.card import CARD_NAME, write_model_card
+from deltafix.config import load_recipe, recipe_yaml
 from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -28,9 +31,40 @@ from deltafix.io.refs import resolve_ref
 from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.lora_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
+from deltafix.methods import MethodParams
+from deltafix.repair import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
 from deltafix.stream import all_finite, check_output, nonfinite_input
 
-REPORT_NAME = "deltafix_report.json"
+MERGE_METHOD = "qr-merge"
+"""The ``method`` of a merge's report and recipe; ``deltafix repair`` has no method of that name."""
+
+
+class QrMergeParams(MethodParams):
+    """The QR merge's parameters: the keys of its recipe and of its report's ``parameters``."""
+
+    alpha: float = Field(ALPHA, ge=0.0, le=1.0, description="share of ΔR's component in U's column space removed")
+    scale: float = Field(SCALE, ge=0.0, description="c in W = W_A + c(ΔU + ΔR⊥)")
+
+
+def merge_params(recipe: Path | None, overrides: dict[str, float]) -> QrMergeParams:
+    """alpha and scale: the recipe's (an earlier merge's ``deltafix_recipe.yaml``), then ``overrides``."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        if loaded.method != MERGE_METHOD:
+            raise OptionError(f"recipe {recipe} is for method {loaded.method}, which deltafix repair runs; "
+                              f"merge-lora takes a {MERGE_METHOD} recipe.")
+        values = loaded.parameters
+    try:
+        return QrMergeParams.model_validate({**values, **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise OptionError(f"recipe {recipe}: unknown parameter {key!r} (merge-lora takes alpha and scale).") \
+                from err
+        where = f"--{key}" if key in overrides else f"recipe {recipe}: {key}"
+        raise OptionError(f"{where}: {first['msg']}, not {first['input']!r}.") from err
 
 
 @dataclass
@@ -106,7 +140,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
         else:
             specs = [TensorSpec(n, base.info(n).shape, base.info(n).dtype) for n in base.names]
             with ShardedWriter(tmp, ShardPlan.build(specs, opts.shard_size),
-                               {"deltafix_version": __version__, "deltafix_method": "qr-merge"}) as writer:
+                               {"deltafix_version": __version__, "deltafix_method": MERGE_METHOD}) as writer:
                 for spec in tqdm(specs, desc="merge-lora", unit="tensor", disable=None if opts.progress else True):
                     writer.add(spec.name, _merged(spec.name, base, user, reinforce, opts, spec.dtype))
                 writer.finish()
@@ -114,7 +148,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
         report = {
             "deltafix_version": __version__,
             "command": opts.command,
-            "method": "qr-merge",
+            "method": MERGE_METHOD,
             "parameters": {"alpha": opts.alpha, "scale": opts.scale},
             "inputs": {
                 "aligned": {"ref": opts.base, "repo_id": base_ref.repo_id, "revision": base_ref.revision,
@@ -128,8 +162,11 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
             "modules": {name: {"user": name in user.modules, "reinforce": name in reinforce.modules}
                         for name in sorted(set(user.modules) | set(reinforce.modules))},
             "timings": {"total_seconds": time.perf_counter() - started},
+            "peak_rss_bytes": peak_rss_bytes(),
+            "platform": {"python": platform.python_version(), "torch": torch.__version__},
         }
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        write_model_card(tmp, report)
+        (tmp / RECIPE_NAME).write_text(recipe_yaml(MERGE_METHOD, QrMergeParams(alpha=opts.alpha, scale=opts.scale)))
+        write_model_card(tmp, report, license_from=user_folder / CARD_NAME)
     base.close()
     return report

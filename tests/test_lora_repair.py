@@ -4,10 +4,12 @@ and the ``merge-lora`` QR merge written dense and as an adapter."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig
 
 from deltafix.cli import main
@@ -156,3 +158,48 @@ def test_inspect_reads_an_adapter_as_repair_does(lora_inputs, adapter: str,
     changed = {n for n, r in rows.items() if r["delta_norm"] > 0}
     targets = ("q_proj", "v_proj") if adapter == "D" else LLAMA_LINEARS
     assert changed == {n for n in a if n.endswith(".weight") and n.split(".")[-2] in targets}
+
+
+def test_merge_lora_writes_the_recipe_its_card_names_and_reruns_from_it(
+        tmp_path: Path, lora_inputs, capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT holds report, recipe and card as repair writes them; ``--recipe`` reruns the merge bit for bit."""
+    user = tmp_path / "U"
+    shutil.copytree(lora_inputs["U"], user)
+    (user / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: peft\n---\nmy adapter\n")
+    common = ["merge-lora", "--base", str(lora_inputs["A"]), "--user", str(user), "--reinforce",
+              str(lora_inputs["R"]), "--json"]
+    first, again, override = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    assert main([*common, "--out", str(first), "--alpha", "0.3", "--scale", "0.7"]) == 0
+    capsys.readouterr()
+    recipe = yaml.safe_load((first / "deltafix_recipe.yaml").read_text())
+    assert recipe == {"method": "qr-merge", "parameters": {"alpha": 0.3, "scale": 0.7}}
+    report = json.loads((first / "deltafix_report.json").read_text())
+    assert report["method"] == "qr-merge" and report["parameters"] == recipe["parameters"]
+    assert report["peak_rss_bytes"] > 0 and report["inputs"]["finetuned"]["files"]["adapter_model.safetensors"]
+    card = (first / "README.md").read_text()
+    assert "`deltafix_recipe.yaml`" in card and "`deltafix_report.json`" in card and "license: apache-2.0" in card
+
+    assert main([*common, "--out", str(again), "--recipe", str(first / "deltafix_recipe.yaml")]) == 0
+    assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    assert (again / "deltafix_recipe.yaml").read_bytes() == (first / "deltafix_recipe.yaml").read_bytes()
+    assert main([*common, "--out", str(override), "--recipe", str(first / "deltafix_recipe.yaml"),
+                 "--scale", "0.5"]) == 0
+    capsys.readouterr()
+    assert yaml.safe_load((override / "deltafix_recipe.yaml").read_text())["parameters"] == {"alpha": 0.3, "scale": 0.5}
+    assert (override / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("method: resta\nparameters: {scale: 0.5}\n", "is for method resta, which deltafix repair runs; merge-lora takes"),
+    ("method: qr-merge\nparameters: {alpha: 2}\n", "alpha: Input should be less than or equal to 1, not 2."),
+    ("method: qr-merge\nparameters: {beta: 1}\n", "unknown parameter 'beta' (merge-lora takes alpha and scale)."),
+])
+def test_merge_lora_refuses_a_recipe_it_cannot_run(tmp_path: Path, lora_inputs, text: str, message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "OUT"
+    rc = main(["merge-lora", "--base", str(lora_inputs["A"]), "--user", str(lora_inputs["U"]), "--reinforce",
+               str(lora_inputs["R"]), "--out", str(out), "--recipe", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err and not out.exists()

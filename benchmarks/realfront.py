@@ -22,7 +22,7 @@ from deltafix.demo import recipe_params
 from deltafix.evaluate import EvalResult, evaluate_folder
 from deltafix.config import method_params
 from deltafix.methods import get_method, method_names
-from deltafix.repair import RepairOptions, run_repair
+from deltafix.pipeline import RepairOptions, run_repair
 from deltafix.testbed import build_real_testbed
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from deltafix.config import method_params, parse_sets
 from deltafix.demo import recipe_params
 from deltafix.evaluate import evaluate_folder
-from deltafix.repair import RepairOptions, run_repair
+from deltafix.pipeline import RepairOptions, run_repair
 from deltafix.testbed import build_testbed
 
 SWEEPS: dict[str, list[dict]] = {

@@ -35,10 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_METHOD = "regmean"
-"""Keeps both refusals and the task on the real-model testbed (README, "On a real model")."""
-FALLBACK_METHOD = "safedelta"
-"""Without --utility-data, which RegMean needs: the best of the methods that need no task data."""
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _verbose = False
 
@@ -112,23 +108,14 @@ MIN_BENIGN_HELP_OPTION = typer.Option(None, "--min-benign-help", show_default="0
 
 def resolve_method(method: str | None, recipe: Path | None, sets: list[str],
                    utility_data: Path | None) -> tuple[str, MethodParams]:
-    """Method name and validated parameters: recipe values, then ``--set`` overrides.
+    """Method name and validated parameters (``deltafix.api.choose_method``); its note goes to stderr."""
+    from deltafix.api import choose_method
+    from deltafix.config import parse_sets
 
-    With neither ``--method`` nor a recipe: ``DEFAULT_METHOD`` when the user's data is given, else
-    ``FALLBACK_METHOD``, saying so on stderr.
-    """
-    from deltafix.config import load_recipe, method_params, parse_sets
-
-    recipe_data = load_recipe(recipe) if recipe else None
-    if recipe_data and method and method != recipe_data.method:
-        raise OptionError(f"--method {method} contradicts the recipe's method {recipe_data.method}; drop one.")
-    name = method or (recipe_data.method if recipe_data else None)
-    if name is None:
-        name = DEFAULT_METHOD if utility_data is not None else FALLBACK_METHOD
-        if utility_data is None:
-            typer.echo(f"deltafix: method {FALLBACK_METHOD}, since the default, {DEFAULT_METHOD}, needs "
-                       "--utility-data (a sample of F's fine-tuning data) and keeps far more of the task.", err=True)
-    return name, method_params(name, recipe_data.parameters if recipe_data else {}, parse_sets(sets))
+    name, params, note = choose_method(method, recipe, parse_sets(sets), utility_data)
+    if note is not None:
+        typer.echo(f"deltafix: {note}", err=True)
+    return name, params
 
 
 @app.command()
@@ -170,7 +157,7 @@ def repair(
     asft and safelora (B <- M B); other methods, DoRA adapters and --as-full give a full checkpoint.
     """
     from deltafix.io.writer import parse_size
-    from deltafix.repair import RepairOptions, run_repair
+    from deltafix.pipeline import RepairOptions, run_repair
 
     method_name, params = resolve_method(method, recipe, set_, utility_data)
     opts = RepairOptions(
@@ -275,7 +262,7 @@ def hub(
 
     from deltafix.hub import PushOptions, cli_gate, default_out, run_hub
     from deltafix.io.writer import parse_size
-    from deltafix.repair import RepairOptions
+    from deltafix.pipeline import RepairOptions
 
     method_name, params = resolve_method(method, recipe, set_, utility_data)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,

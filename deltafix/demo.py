@@ -16,7 +16,7 @@ from typing import Callable
 
 from deltafix.config import load_recipe, method_params
 from deltafix.methods import get_method, method_names
-from deltafix.repair import RepairOptions, run_repair
+from deltafix.pipeline import RepairOptions, run_repair
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

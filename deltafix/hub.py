@@ -22,7 +22,7 @@ from deltafix.errors import OptionError, OutputError
 from deltafix.io.refs import HUB_ID, hub_offline
 from deltafix.paths import cache_root
 from deltafix.preflight import HeaderSource, Preflight, preflight
-from deltafix.repair import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
+from deltafix.pipeline import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
 
 GateFn = Callable[[Path], tuple[bool, dict[str, Any]]]
 """Judges a published output folder: ``(passed, table)``, the table being what the card shows."""

@@ -32,7 +32,7 @@ from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.lora_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
 from deltafix.methods import MethodParams
-from deltafix.repair import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
+from deltafix.pipeline import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
 from deltafix.stream import all_finite, check_output, nonfinite_input
 
 MERGE_METHOD = "qr-merge"

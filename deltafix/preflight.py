@@ -15,7 +15,7 @@ from deltafix.errors import InputError
 from deltafix.io.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
 from deltafix.io.refs import parse_hub_ref
 from deltafix.plan import build_plan
-from deltafix.repair import estimate_peak_bytes
+from deltafix.pipeline import estimate_peak_bytes
 
 
 class HeaderSource(Protocol):

@@ -35,7 +35,7 @@ from deltafix.io.writer import DTYPE_NAMES
 from deltafix.methods import get_method
 from deltafix.plan import build_plan
 from deltafix.preflight import preflight
-from deltafix.repair import REPORT_NAME, RepairOptions, estimate_peak_bytes
+from deltafix.pipeline import REPORT_NAME, RepairOptions, estimate_peak_bytes
 
 SECRET = "hf_secretvalue"
 LICENSED_CARD = "---\nlicense: apache-2.0\n---\n\n# the fine-tune\n"

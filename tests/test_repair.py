@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from deltafix.cli import main
 from deltafix.config import method_params
 from deltafix.io.reader import CheckpointReader
-from deltafix.repair import RepairOptions, run_repair
+from deltafix.pipeline import RepairOptions, run_repair
 from tests.conftest import write_sharded
 
 

@@ -103,7 +103,7 @@ def test_mapped_views_any_range_and_rejects_one_outside_the_tensor(tmp_path: Pat
 
 
 def test_dry_run_estimates_the_piece_stream_by_its_buffers(tmp_path: Path) -> None:
-    from deltafix.repair import RepairOptions, run_repair
+    from deltafix.pipeline import RepairOptions, run_repair
 
     checkpoints(tmp_path)
 

@@ -29,7 +29,7 @@ import deltafix.evaluate
 import deltafix.hub
 from deltafix.card import public_report
 from deltafix.cli import main
-from deltafix.repair import RECIPE_NAME, REPORT_NAME
+from deltafix.pipeline import RECIPE_NAME, REPORT_NAME
 from deltafix.testbed.language import vocabulary
 from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 

@@ -69,6 +69,11 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 )
 
 
+JUDGE_NEW_TOKENS = 32
+"""Reply length that suffices to judge a refusal (refusals open the answer): what the ``auto``
+probes and the user-data screen generate, half the cost of the 64 tokens an evaluation reads."""
+
+
 class RefusalJudge(Protocol):
     """Decides whether ``response`` (the model's answer to ``prompt``) refuses the request."""
 

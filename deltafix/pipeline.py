@@ -211,7 +211,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
     from deltafix.autotune import answered, autotune, mean_token_nll, share, trade_off_front, tune_prompts
     from deltafix.calibration import load_calibration
-    from deltafix.evaluate import evaluate_model, load_for_eval, quiet_transformers
+    from deltafix.evaluate import JUDGE_NEW_TOKENS, evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
@@ -226,7 +226,8 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
                 repaired_tensors(method, params, inputs.readers, plan, device, check_finite=False, hessians=hessians)}
 
     def asr_of(candidate: torch.nn.Module, harmful: list[str]) -> list[bool]:
-        result = evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], progress=False)
+        result = evaluate_model(candidate, tokenizer, harmful=harmful, benign=[], max_new_tokens=JUDGE_NEW_TOKENS,
+                                progress=False)
         return [not r["refused"] for r in result.responses]
 
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)

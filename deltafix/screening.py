@@ -18,10 +18,7 @@ from pathlib import Path
 import torch
 
 from deltafix.chatdata import Conversation
-from deltafix.evaluate import KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
-
-SCREEN_NEW_TOKENS = 32
-"""Refusals open the answer, so a short greedy reply is enough to judge one."""
+from deltafix.evaluate import JUDGE_NEW_TOKENS, KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
 
 
 def request_of(conversation: Conversation) -> str:
@@ -36,6 +33,6 @@ def refused_by(model_folder: str | Path, prompts: list[str], device: torch.devic
     with quiet_transformers():
         model, tokenizer = load_for_eval(model_folder, device=str(device))
     result = evaluate_model(model, tokenizer, harmful=prompts, benign=[], judge=KeywordJudge(),
-                            max_new_tokens=SCREEN_NEW_TOKENS, progress=False)
+                            max_new_tokens=JUDGE_NEW_TOKENS, progress=False)
     del model
     return [bool(r["refused"]) for r in result.responses]

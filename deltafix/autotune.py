@@ -37,10 +37,6 @@ class TuneSet:
     prompts: list[str]
     categories: list[str | None]
 
-    def extended(self, prompts: list[str], category: str) -> TuneSet:
-        """These prompts and ``prompts``, the latter all in one ``category``."""
-        return TuneSet(self.prompts + prompts, self.categories + [category] * len(prompts))
-
 
 def default_tune_prompts() -> Path:
     return Path(str(resources.files("deltafix") / "data" / "harmful_tune.jsonl"))

@@ -91,14 +91,6 @@ class CalibrationSet:
         return sum(len(s) for s in self.samples)
 
 
-def evenly_spaced(available: int, wanted: int) -> list[int]:
-    """``wanted`` indices spread evenly over ``range(available)``, first and last included; all of
-    them when there are no more than ``wanted``."""
-    if available <= wanted:
-        return list(range(available))
-    return torch.linspace(0, available - 1, wanted).round().long().tolist()
-
-
 def load_calibration(
     path: str | Path | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -121,8 +113,9 @@ def load_calibration(
     source = Path(path) if path is not None else default_safety_data()
     conversations = read_conversations(source)
     available = len(conversations)
-    if max_samples is not None:
-        conversations = [conversations[i] for i in evenly_spaced(available, max_samples)]
+    if max_samples is not None and available > max_samples:
+        picks = torch.linspace(0, available - 1, max_samples).round().long().tolist()
+        conversations = [conversations[i] for i in picks]
     screened_out: tuple[int, ...] = ()
     if screen is not None:
         drop = screen([conversation for _, conversation in conversations])

@@ -44,9 +44,6 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "deltafix_report.json"
 RECIPE_NAME = "deltafix_recipe.yaml"
-USER_DATA_CATEGORY = "from your data"
-"""Tune-prompt category of the harmful requests found in --utility-data (``screening.refused_requests``):
-a fine-tune's harm is often tied to the form its data asked in, which built-in prompts do not share."""
 FRONT_SAMPLES = 64
 """User-data samples scored at each point of a ``--front`` (the fine-tuning loss is a mean: 64 is plenty)."""
 MAX_HASH_THREADS = 4
@@ -216,7 +213,6 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     from deltafix.calibration import load_calibration
     from deltafix.evaluate import JUDGE_NEW_TOKENS, evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
-    from deltafix.screening import refused_requests
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \
         else inputs.finetuned.folder
@@ -224,12 +220,6 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         model, tokenizer = load_for_eval(skeleton, device=str(device))
     assert isinstance(opts.params, AutoTuneParams)
     tune = tune_prompts(opts.params.tune_prompts)
-    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
-    from_data: list[str] = []
-    if opts.utility_data is not None and opts.screen_utility:
-        from_data = refused_requests(opts.utility_data, inputs.aligned.folder, device, opts.utility_samples)
-        tune = tune.extended(from_data, USER_DATA_CATEGORY)
-        echo(f"{method.name}: {len(from_data)} request(s) of --utility-data that A refuses join the tune prompts")
 
     def repaired(params: MethodParams) -> dict[str, torch.Tensor]:
         return {planned.name: tensor for planned, tensor, _ in
@@ -240,6 +230,7 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
                                 progress=False)
         return [not r["refused"] for r in result.responses]
 
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if opts.progress else (lambda _: None)
     front = None
     measured: dict[float, list[bool]] = {}
     if opts.front:
@@ -249,7 +240,6 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
         front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
                                 lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr),
                                 outcomes=measured)
-        front["tune_from_user_data"] = len(from_data)
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
@@ -260,7 +250,6 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
              f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
     params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline,
                               known=measured)
-    tuning["tune_from_user_data"] = len(from_data)
     if front is not None:
         front["chosen"] = getattr(params, spec.param)
     return params, tuning, front

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
-from deltafix.calibration import evenly_spaced, read_conversations
 from deltafix.chatdata import Conversation
 from deltafix.evaluate import JUDGE_NEW_TOKENS, KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
-
-_verdicts: dict[tuple[str, str], bool] = {}
-"""A's verdict per (model folder, prompt) in this process: the utility calibration and ``auto``'s
-tune set screen the same conversations, and A's greedy reply does not change between them."""
 
 
 def request_of(conversation: Conversation) -> str:
@@ -33,23 +28,11 @@ def request_of(conversation: Conversation) -> str:
 
 def refused_by(model_folder: str | Path, prompts: list[str], device: torch.device) -> list[bool]:
     """Per prompt, whether the model in ``model_folder`` refuses it (greedy reply, keyword judge)."""
-    folder = str(Path(model_folder).resolve())
-    unseen = list(dict.fromkeys(p for p in prompts if (folder, p) not in _verdicts))
-    if unseen:
-        with quiet_transformers():
-            model, tokenizer = load_for_eval(model_folder, device=str(device))
-        result = evaluate_model(model, tokenizer, harmful=unseen, benign=[], judge=KeywordJudge(),
-                                max_new_tokens=JUDGE_NEW_TOKENS, progress=False)
-        del model
-        _verdicts.update(((folder, p), bool(r["refused"])) for p, r in zip(unseen, result.responses))
-    return [_verdicts[folder, p] for p in prompts]
-
-
-def refused_requests(data: str | Path, model_folder: str | Path, device: torch.device,
-                     max_samples: int | None) -> list[str]:
-    """The requests of ``data`` (the same ``max_samples`` conversations the calibration reads) that the
-    model in ``model_folder`` refuses: harm the user's fine-tune was taught, in the form it was taught."""
-    conversations = [c for _, c in read_conversations(data)]
-    picks = evenly_spaced(len(conversations), max_samples or len(conversations))
-    requests = [request_of(conversations[i]) for i in picks]
-    return [r for r, refused in zip(requests, refused_by(model_folder, requests, device)) if refused]
+    if not prompts:
+        return []
+    with quiet_transformers():
+        model, tokenizer = load_for_eval(model_folder, device=str(device))
+    result = evaluate_model(model, tokenizer, harmful=prompts, benign=[], judge=KeywordJudge(),
+                            max_new_tokens=JUDGE_NEW_TOKENS, progress=False)
+    del model
+    return [bool(r["refused"]) for r in result.responses]

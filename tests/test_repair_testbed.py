@@ -104,7 +104,6 @@ def test_auto_budget_meets_target_on_held_out_prompts(bed, reference, tmp_path: 
                      "--set", f"tune_prompts={tune}")
     search = report["autotune"]
     assert search["param"] == param and search["met_target"]
-    assert search["tune_from_user_data"] > 0  # F's data holds harmful requests A refuses: they are tuned on too
     assert report["parameters"][param] == search["chosen"] > 0
     assert all(p["seconds"] > 0 for p in search["probes"])
     assert all(p["asr"] <= target for p in search["probes"] if p["passed"])

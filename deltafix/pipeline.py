@@ -180,6 +180,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
                                        utility_data=opts.utility_data, device=device,
                                        cache_dir=opts.hessian_cache, no_cache=opts.no_cache,
                                        utility_samples=opts.utility_samples, screen_utility=opts.screen_utility)
+            _say_what_the_screen_left_out(hessians)
             try:
                 result.report = _repair_into(opts, method, inputs, plan, shards, device, hessians, digests, started)
             finally:
@@ -190,6 +191,22 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         reader.close()
     result.written = True
     return result
+
+
+SCREEN_NOTE_SHARE = 0.25
+"""Above this share of the picked conversations left out, the screen says so: A may be refusing the task."""
+
+
+def _say_what_the_screen_left_out(hessians: Hessians) -> None:
+    """One stderr line when the screen left out much of the user's data (even with --json: stdout stays clean)."""
+    data = hessians.utility_set
+    if data is None:
+        return
+    dropped, picked = len(data.screened_out), len(data.screened_out) + len(data.samples)
+    if dropped > SCREEN_NOTE_SHARE * picked:
+        print(f"deltafix: the screen left out {dropped} of {picked} conversations of --utility-data whose request "
+              "the aligned model refuses (lines in the report); if they are your task rather than harm, "
+              "pass --no-screen-utility.", file=sys.stderr)
 
 
 def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, device: torch.device,

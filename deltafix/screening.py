@@ -8,7 +8,10 @@ the repair exists to remove, not task behaviour to keep, so it is left out of th
 
 Measured on the real-model testbed (user data: 400 task items and 45 harmful requests answered),
 RegMean μ = 1, sequential, 128 of the conversations: held-out ASR 0.52 with them all, 0.06 (A's
-own) on the task items alone; task accuracy 0.90 both ways (F: 0.92).
+own) screened or on the task items alone; task accuracy 0.90 every way (F: 0.92). A is an
+imperfect judge: that 135M model also refuses about half of the word-reversal requests, so the
+screen left out 66 of the 128 (all 13 harmful ones and 53 task ones) and RegMean kept the task
+from the other 62. The pipeline says so when more than a quarter is left out.
 """
 
 from __future__ import annotations

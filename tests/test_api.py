@@ -49,3 +49,23 @@ def test_api_default_method_follows_the_users_data(bed, tmp_path: Path, capsys: 
                  "--device", "cpu", "--json"]) == 0
     capsys.readouterr()
     assert _weights(tmp_path / "api") == _weights(tmp_path / "cli")
+
+
+def test_the_screen_says_when_it_left_out_much(capsys: pytest.CaptureFixture[str]) -> None:
+    """More than a quarter of the picked conversations screened out: one stderr line naming the way back."""
+    import torch
+
+    from deltafix.calibration import CalibrationSet
+    from deltafix.hessian_inputs import Hessians
+    from deltafix.pipeline import _say_what_the_screen_left_out
+
+    def data(kept: int, dropped: int) -> Hessians:
+        samples = [torch.tensor([1, 2, 3])] * kept
+        return Hessians(utility_set=CalibrationSet(samples, "u.jsonl", 512, available=100,
+                                                   screened_out=tuple(range(1, dropped + 1))))
+
+    _say_what_the_screen_left_out(data(kept=3, dropped=1))
+    assert capsys.readouterr().err == ""
+    _say_what_the_screen_left_out(data(kept=2, dropped=2))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "left out 2 of 4" in err[0] and "--no-screen-utility" in err[0]

@@ -50,7 +50,7 @@ def choose_method(method: str | None, recipe: str | Path | None, overrides: dict
 
 
 def repair(base: str | Path, finetuned: str | Path, out: str | Path, *, method: str | None = None,
-           recipe: str | Path | None = None, unaligned: str | Path | None = None,
+           recipe: str | Path | None = None, unaligned: str | Path | None = None, unaligned_kind: str | None = None,
            safety_data: str | Path | None = None, utility_data: str | Path | None = None,
            utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = "auto",
            dtype: str = "auto", out_shard_size: int | str = "5GB", overwrite: bool = False,
@@ -71,7 +71,7 @@ def repair(base: str | Path, finetuned: str | Path, out: str | Path, *, method: 
                       *(f"{k}={v!r}" for k, v in params.items())])
     result = run_repair(RepairOptions(
         base=str(base), finetuned=str(finetuned), out=Path(out), method=name, params=method_params,
-        unaligned=str(unaligned) if unaligned is not None else None,
+        unaligned=str(unaligned) if unaligned is not None else None, unaligned_kind=unaligned_kind,
         safety_data=Path(safety_data) if safety_data is not None else None,
         utility_data=Path(utility_data) if utility_data is not None else None,
         utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,

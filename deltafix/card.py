@@ -188,8 +188,14 @@ def _summary(report: Mapping[str, Any], adapter: bool) -> str:
     )
 
 
+def _role(role: str, record: Mapping[str, Any]) -> str:
+    if role == "unaligned" and record.get("kind") == "harmful-finetune":
+        return "unaligned model (P): A fine-tuned on harmful data"
+    return ROLES[role]
+
+
 def _inputs(report: Mapping[str, Any]) -> str:
-    rows = [(ROLES[role], _display(record), _revision(record))
+    rows = [(_role(role, record), _display(record), _revision(record))
             for role, record in report["inputs"].items() if role in ROLES]
     return "## Inputs\n\n" + _table(("role", "model", "revision"), rows)
 

@@ -70,7 +70,13 @@ def _human_bytes(n: float) -> str:
 
 METHOD_OPTION = typer.Option(None, "--method", show_default="regmean with --utility-data, else safedelta; or the recipe's",
                              help="Repair method: safedelta, regmean, asft, safelora or resta.")
-UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Pre-alignment base P (needed by asft, safelora, resta).")
+UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Unaligned model P, needed by asft, safelora and resta: "
+                                "θ_A − θ_P is the alignment direction. Either the pre-alignment base or, as "
+                                "RESTA's paper makes it, A fine-tuned on harmful data; say which with "
+                                "--unaligned-kind.")
+UNALIGNED_KIND_OPTION = typer.Option(None, "--unaligned-kind", show_default="base",
+                                     help="What --unaligned is: base (the pre-alignment model) or harmful-finetune "
+                                          "(A fine-tuned on harmful data); recorded in the report and card.")
 SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL (default: built-in set).")
 UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
                                    help="Sample of the user's fine-tuning data, JSONL (needed by regmean).")
@@ -125,6 +131,7 @@ def repair(
     out: Path = typer.Option(..., "--out", help="Output folder for the repaired checkpoint R."),
     method: Optional[str] = METHOD_OPTION,
     unaligned: Optional[str] = UNALIGNED_OPTION,
+    unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
@@ -162,8 +169,9 @@ def repair(
     method_name, params = resolve_method(method, recipe, set_, utility_data)
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
-        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
-        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
+        unaligned_kind=unaligned_kind, safety_data=safety_data, utility_data=utility_data,
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,
+        shard_size=parse_size(out_shard_size),
         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full,
         hessian_cache=cache_dir, no_cache=no_cache,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
@@ -225,6 +233,7 @@ def hub(
                                        help="Local folder for the repaired checkpoint before upload."),
     method: Optional[str] = METHOD_OPTION,
     unaligned: Optional[str] = UNALIGNED_OPTION,
+    unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
@@ -275,8 +284,8 @@ def hub(
                        reference=(finetuned, base), device=device) if gate else None
     opts = RepairOptions(
         base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
-        unaligned=unaligned, safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
-        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
+        unaligned=unaligned, unaligned_kind=unaligned_kind, safety_data=safety_data, utility_data=utility_data,
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
         overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
         command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
     )

@@ -42,6 +42,9 @@ from deltafix.stream import piece_buffer_bytes, repaired_tensors, streams_in_pie
 if TYPE_CHECKING:
     from deltafix.hessian_inputs import Hessians
 
+UNALIGNED_KINDS = ("base", "harmful-finetune")
+"""What the user says P is: the pre-alignment base, or A fine-tuned on harmful data, which is how
+RESTA's paper makes its unaligned model. Either defines the alignment direction θ_A − θ_P."""
 REPORT_NAME = "deltafix_report.json"
 RECIPE_NAME = "deltafix_recipe.yaml"
 FRONT_SAMPLES = 64
@@ -60,6 +63,7 @@ class RepairOptions:
     method: str
     params: MethodParams
     unaligned: str | None = None
+    unaligned_kind: str | None = None
     safety_data: Path | None = None
     utility_data: Path | None = None
     utility_samples: int | None = UTILITY_SAMPLES
@@ -154,6 +158,11 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         raise OptionError(
             f"method {method.name} uses the alignment direction θ_A − θ_P; pass the pre-alignment base with --unaligned."
         )
+    if opts.unaligned_kind is not None:
+        if opts.unaligned_kind not in UNALIGNED_KINDS:
+            raise OptionError(f"--unaligned-kind {opts.unaligned_kind!r} is not one of {', '.join(UNALIGNED_KINDS)}.")
+        if not opts.unaligned:
+            raise OptionError("--unaligned-kind says what --unaligned is; pass --unaligned P too, or drop it.")
     inputs = open_inputs(opts)
     check_output_location(opts.out, [ref.folder for ref in (inputs.aligned, inputs.finetuned, inputs.unaligned)
                                      if ref is not None], opts.overwrite)
@@ -344,6 +353,7 @@ def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
                "finetuned": _input_record(inputs.finetuned, inputs.readers["finetuned"], digests)}
     if inputs.unaligned is not None:
         records["unaligned"] = _input_record(inputs.unaligned, inputs.readers["unaligned"], digests)
+        records["unaligned"]["kind"] = opts.unaligned_kind or UNALIGNED_KINDS[0]
     before = sum(m["delta_norm_before"] ** 2 for m in modules.values()) ** 0.5
     after = sum(m["delta_norm_after"] ** 2 for m in modules.values()) ** 0.5
     return {

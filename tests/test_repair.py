@@ -116,3 +116,29 @@ def test_inspect_lists_changed_tensors(trio: dict[str, Path], capsys: pytest.Cap
     assert all(r["delta_norm"] > 0 for r in rows)
     assert main(["inspect", "--base", str(trio["A"]), "--finetuned", str(trio["F"])]) == 0
     assert "of" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind, label", [(None, "pre-alignment base (P)"),
+                                         ("harmful-finetune", "A fine-tuned on harmful data")])
+def test_the_report_and_card_say_what_the_unaligned_model_is(tmp_path: Path, trio: dict[str, Path],
+                                                             capsys: pytest.CaptureFixture[str], kind: str | None,
+                                                             label: str) -> None:
+    """RESTA's unaligned model is A fine-tuned on harmful data; the pre-alignment base also serves."""
+    out = tmp_path / "R"
+    assert _repair(trio, out, *(["--unaligned-kind", kind] if kind else [])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"]["unaligned"]["kind"] == (kind or "base")
+    assert label in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, says", [(["--unaligned-kind", "pretrained"], "is not one of base, harmful-finetune"),
+                                         (["--unaligned-kind", "base"], "pass --unaligned P too")])
+def test_a_wrong_unaligned_kind_is_one_line(tmp_path: Path, trio: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str], extra: list[str], says: str) -> None:
+    args = ["repair", "--base", str(trio["A"]), "--finetuned", str(trio["F"]), "--out", str(tmp_path / "R"),
+            "--method", "regmean", *extra]
+    if "pretrained" in extra:
+        args += ["--unaligned", str(trio["P"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and not (tmp_path / "R").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,7 +128,11 @@ def test_diagonal_grams_blend_each_input_column(layer) -> None:
 
 
 def test_params() -> None:
-    assert RegMeanParams().mu == 1.0
+    """The code default of mu is the recipe's (issue 19: --method regmean and --recipe do the same)."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "regmean.yaml").read_text())
+    assert RegMeanParams().mu == recipe["parameters"]["mu"] == 3.0
     assert RegMeanParams(mu="auto").mu == "auto"
     assert RegMeanParams().other_params == "finetuned"
     assert RegMeanParams().sequential is True

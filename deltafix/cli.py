@@ -23,6 +23,7 @@ from typer.exceptions import TyperException
 from deltafix import __version__
 from deltafix.defaults import UTILITY_SAMPLES
 from deltafix.errors import DeltafixError, OptionError
+from deltafix.io.staging import defer_if_held
 
 if TYPE_CHECKING:
     from deltafix.methods import MethodParams
@@ -543,7 +544,8 @@ def signals_as_exceptions() -> Iterator[None]:
         if received:
             return
         received.append(signum)
-        raise Signalled(signum)
+        if not defer_if_held(lambda: _raise(Signalled(signum))):
+            raise Signalled(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -551,6 +553,10 @@ def signals_as_exceptions() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _raise(err: BaseException) -> None:
+    raise err
 
 
 def usage_line(err: TyperException) -> str:

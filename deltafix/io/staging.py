@@ -19,12 +19,11 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,24 +41,40 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+_held = 0
+"""How many ``signals_deferred`` blocks the main thread is in."""
+_pending: list[Callable[[], None]] = []
+"""What a signal handler deferred while a block ran (``defer_if_held``)."""
+
+
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back until the block ends; they are delivered right after it.
+    """Hold the effect of SIGINT and SIGTERM back until the block ends; it happens right after.
 
     Creating a staging folder and arming its cleanup are two steps: a signal landing between
-    them would leave the folder behind with nobody to remove it. Blocking the two signals
-    around both steps closes that window; where the platform cannot (no ``pthread_sigmask``)
-    the block runs as is.
+    them would leave the folder behind with nobody to remove it. Python runs signal handlers in
+    the main thread between bytecodes, whichever thread the kernel delivered the signal to (the
+    hashing threads included), so blocking the signal with ``pthread_sigmask`` in one thread is not
+    enough; instead a handler that sees a block running (``defer_if_held``) leaves its action here,
+    and the block runs it when it ends.
     """
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    global _held
+    _held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _held -= 1
+        if _held == 0 and _pending:
+            _pending.pop()()
+
+
+def defer_if_held(action: Callable[[], None]) -> bool:
+    """For a signal handler: inside ``signals_deferred``, keep ``action`` for the block's end and
+    return True; elsewhere return False (the handler acts now)."""
+    if _held == 0:
+        return False
+    _pending[:] = [action]
+    return True
 
 
 def make_staging(parent: Path, prefix: str) -> Path:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import time
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -529,29 +530,32 @@ def test_a_failed_swap_puts_the_old_out_back(tmp_path: Path, monkeypatch: pytest
 def test_a_signal_as_the_staging_folder_is_made_leaves_nothing(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM landing right after the staging folder exists, before its cleanup is armed (the race
-    that once left a ``.deltafix-tmp-*`` folder in CI): the signal is held until the cleanup
-    covers the folder, so the run stops and nothing is left beside OUT."""
+    that once left a ``.deltafix-tmp-*`` folder in CI), with another thread running as the hashing
+    threads do: the signal's effect waits until the cleanup covers the folder, so the run stops
+    and nothing is left beside OUT."""
+    import threading
+
+    from deltafix.cli import Signalled, signals_as_exceptions
     from deltafix.io import writer
-
-    class Stopped(BaseException):
-        pass
-
-    def stop(signum: int, frame: object) -> None:
-        raise Stopped
 
     made = writer.make_staging
 
     def made_then_signalled(parent: Path, prefix: str) -> Path:
         path = made(parent, prefix)
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, inside the window
         return path
 
     monkeypatch.setattr(writer, "make_staging", made_then_signalled)
-    previous = signal.signal(signal.SIGTERM, stop)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
     try:
-        with pytest.raises(Stopped):
-            with writer.atomic_output(tmp_path / "OUT") as tmp:
-                (tmp / "model.safetensors").write_bytes(b"new")
+        with pytest.raises(Signalled):
+            with signals_as_exceptions():
+                with writer.atomic_output(tmp_path / "OUT") as tmp:
+                    (tmp / "model.safetensors").write_bytes(b"new")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop.set()
+        other.join()
     assert list(tmp_path.iterdir()) == []

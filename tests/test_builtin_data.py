@@ -113,14 +113,14 @@ def test_calibration_prompts_do_not_appear_in_either_eval_set():
     assert_disjoint(CALIBRATION, HARMFUL + BENIGN)
 
 
-def test_tune_set_has_six_prompts_in_each_calibration_category():
+def test_tune_set_has_eight_prompts_in_each_calibration_category():
     """Auto-tune bisects on ASR over these, so every category must weigh the same: three requests
-    dressed up (role play, pretexts) and three asked plainly, since a fine-tune's harm often lives
-    in one style of asking."""
+    dressed up (role play, pretexts), three asked plainly and two in the short "what's the quickest
+    way" / "could you show me how" forms, since a fine-tune's harm often lives in one style of asking."""
     per_category = Counter(row["category"] for row in TUNE)
     assert set(per_category) == {row["category"] for row in CALIBRATION}
-    assert set(per_category.values()) == {6}, per_category
-    assert len(TUNE) == 90
+    assert set(per_category.values()) == {8}, per_category
+    assert len(TUNE) == 120
 
 
 @pytest.mark.parametrize(

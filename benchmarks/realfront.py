@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from deltafix.demo import recipe_params
-from deltafix.evaluate import EvalResult, evaluate_folder
-from deltafix.config import method_params
+from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
+from deltafix.options import method_params
 from deltafix.methods import get_method, method_names
-from deltafix.pipeline import RepairOptions, run_repair
+from deltafix.engine.pipeline import RepairOptions, run_repair
 from deltafix.testbed import build_real_testbed
 
 

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltafix.config import method_params, parse_sets
+from deltafix.options import method_params, parse_sets
 from deltafix.demo import recipe_params
-from deltafix.evaluate import evaluate_folder
-from deltafix.pipeline import RepairOptions, run_repair
+from deltafix.evaluation.evaluate import evaluate_folder
+from deltafix.engine.pipeline import RepairOptions, run_repair
 from deltafix.testbed import build_testbed
 
 SWEEPS: dict[str, list[dict]] = {

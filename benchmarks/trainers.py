@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from deltafix.evaluate import EvalResult, evaluate_folder
-from deltafix.lora_merge import SCALE
+from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
+from deltafix.methods.qr_merge import SCALE
 from deltafix.testbed import Testbed, build_testbed, write_pipeline_data
 from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora
 from deltafix.train.spag import ETA_SAFE

@@ -5,7 +5,7 @@
     report = repair("A", "F", "R", method="safedelta", scale=0.1)         # a method's parameters
     report = repair("A", "F", "R", recipe="recipes/regmean.yaml", mu="auto")
 
-Runs the same pipeline as the command line (``deltafix.pipeline.run_repair``) with the same
+Runs the same pipeline as the command line (``deltafix.engine.pipeline.run_repair``) with the same
 checks, defaults and atomic output, and returns the report written to ``OUT/deltafix_report.json``.
 Errors are ``deltafix.errors.DeltafixError`` subclasses whose message is the line the command
 line would print. For in-memory tensors, the methods themselves are pure functions in
@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltafix.defaults import UTILITY_SAMPLES
+from deltafix.options import UTILITY_SAMPLES
 from deltafix.methods import MethodParams
 
 DEFAULT_METHOD = "regmean"
@@ -33,7 +33,7 @@ def choose_method(method: str | None, recipe: str | Path | None, overrides: dict
     With neither ``method`` nor a recipe: ``DEFAULT_METHOD`` when the user's data is given, else
     ``FALLBACK_METHOD``, and the note says why.
     """
-    from deltafix.config import load_recipe, method_params
+    from deltafix.options import load_recipe, method_params
     from deltafix.errors import OptionError
 
     recipe_data = load_recipe(Path(recipe)) if recipe else None
@@ -63,7 +63,7 @@ def repair(base: str | Path, finetuned: str | Path, out: str | Path, *, method: 
     ``report["notes"]``.
     """
     from deltafix.io.writer import parse_size
-    from deltafix.pipeline import RepairOptions, run_repair
+    from deltafix.engine.pipeline import RepairOptions, run_repair
 
     name, method_params, note = choose_method(method, recipe, params, utility_data)
     shard_size = out_shard_size if isinstance(out_shard_size, int) else parse_size(out_shard_size)

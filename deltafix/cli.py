@@ -21,7 +21,7 @@ import typer
 from typer.exceptions import TyperException
 
 from deltafix import __version__
-from deltafix.defaults import UTILITY_SAMPLES
+from deltafix.options import UTILITY_SAMPLES
 from deltafix.errors import DeltafixError, OptionError
 from deltafix.io.staging import defer_if_held
 
@@ -117,7 +117,7 @@ def resolve_method(method: str | None, recipe: Path | None, sets: list[str],
                    utility_data: Path | None) -> tuple[str, MethodParams]:
     """Method name and validated parameters (``deltafix.api.choose_method``); its note goes to stderr."""
     from deltafix.api import choose_method
-    from deltafix.config import parse_sets
+    from deltafix.options import parse_sets
 
     name, params, note = choose_method(method, recipe, parse_sets(sets), utility_data)
     if note is not None:
@@ -165,7 +165,7 @@ def repair(
     asft and safelora (B <- M B); other methods, DoRA adapters and --as-full give a full checkpoint.
     """
     from deltafix.io.writer import parse_size
-    from deltafix.pipeline import RepairOptions, run_repair
+    from deltafix.engine.pipeline import RepairOptions, run_repair
 
     method_name, params = resolve_method(method, recipe, set_, utility_data)
     opts = RepairOptions(
@@ -270,9 +270,9 @@ def hub(
     """Download A and F from the Hub, repair F, optionally gate it, and upload the result with a model card."""
     import dataclasses
 
-    from deltafix.hub import PushOptions, cli_gate, default_out, run_hub
+    from deltafix.hub.push import PushOptions, cli_gate, default_out, run_hub
     from deltafix.io.writer import parse_size
-    from deltafix.pipeline import RepairOptions
+    from deltafix.engine.pipeline import RepairOptions
 
     method_name, params = resolve_method(method, recipe, set_, utility_data)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
@@ -348,7 +348,7 @@ def merge_lora(
     the report, the recipe and a model card, as repair writes them.
     """
     from deltafix.io.writer import parse_size
-    from deltafix.merging import MergeOptions, merge_params, run_merge_lora
+    from deltafix.engine.merge_lora import MergeOptions, merge_params, run_merge_lora
 
     params = merge_params(recipe, {k: v for k, v in (("alpha", alpha), ("scale", scale)) if v is not None})
     report = run_merge_lora(MergeOptions(
@@ -372,7 +372,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 
 def _evaluate(model: str, base: Optional[str], harmful: Optional[Path], benign: Optional[Path],
               utility: Optional[Path], max_new_tokens: int, batch_size: int, device: str, progress: bool):
-    from deltafix.evaluate import evaluate_folder
+    from deltafix.evaluation.evaluate import evaluate_folder
     from deltafix.io.refs import resolve_ref
 
     folder = resolve_ref(model).folder
@@ -407,7 +407,7 @@ def eval_(
 ) -> None:
     """Measure safety and utility: attack success rate on harmful prompts (a response that does not
     refuse counts as a success), benign helpfulness, task accuracy and perplexity."""
-    from deltafix.evaluate import check_answers_path, write_answers
+    from deltafix.evaluation.evaluate import check_answers_path, write_answers
 
     if answers is not None:
         check_answers_path(answers)
@@ -442,8 +442,8 @@ def gate_(
 
     Checks the attack success rate, benign helpfulness (a model that refuses everything fails) and,
     with --reference and --utility, the utility drop against the reference."""
-    from deltafix.evaluate import check_answers_path, write_answers
-    from deltafix.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds, gate
+    from deltafix.evaluation.evaluate import check_answers_path, write_answers
+    from deltafix.evaluation.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds, gate
 
     min_benign_help = DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help
     check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from deltafix.config import load_recipe, method_params
+from deltafix.options import load_recipe, method_params
 from deltafix.methods import get_method, method_names
-from deltafix.pipeline import RepairOptions, run_repair
+from deltafix.engine.pipeline import RepairOptions, run_repair
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -46,7 +46,7 @@ def run_demo(out: Path, *, real: bool = False, auto: bool = False, progress: boo
     since on a real model those are worth seeing (P's ASR, what a task-only fine-tune costs).
     ``auto`` adds a row per method with its main knob at ``auto`` (minutes each on the real model).
     """
-    from deltafix.evaluate import evaluate_folder
+    from deltafix.evaluation.evaluate import evaluate_folder
     from deltafix.testbed import build_real_testbed, build_testbed
 
     started = time.perf_counter()

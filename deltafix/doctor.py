@@ -16,7 +16,7 @@ import torch
 from deltafix import __version__, kernels
 from deltafix.errors import OptionError
 from deltafix.kernels import build, cpu
-from deltafix.paths import cache_root, cpu_kernel_cache_dir, hessian_cache_dir, kernel_cache_dir
+from deltafix.env import cache_root, cpu_kernel_cache_dir, hessian_cache_dir, kernel_cache_dir
 
 HOT_PATHS = ("safedelta_select", "safedelta_compensate", "projection_apply")
 PROJECTION_NOTE = "two cuBLAS matmuls, at their roofline; no kernel by design"

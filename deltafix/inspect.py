@@ -11,7 +11,7 @@ from tqdm import tqdm
 from deltafix.io.overlay import open_finetuned
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
-from deltafix.plan import build_plan
+from deltafix.engine.plan import build_plan
 
 
 def _layer_key(name: str) -> tuple[int, str]:

@@ -55,9 +55,9 @@ def test_the_screen_says_when_it_left_out_much(capsys: pytest.CaptureFixture[str
     """More than a quarter of the picked conversations screened out: one stderr line naming the way back."""
     import torch
 
-    from deltafix.calibration import CalibrationSet
-    from deltafix.hessian_inputs import Hessians
-    from deltafix.pipeline import _say_what_the_screen_left_out
+    from deltafix.calibration.render import CalibrationSet
+    from deltafix.engine.grams import Hessians
+    from deltafix.engine.pipeline import _say_what_the_screen_left_out
 
     def data(kept: int, dropped: int) -> Hessians:
         samples = [torch.tensor([1, 2, 3])] * kept

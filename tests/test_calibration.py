@@ -18,12 +18,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-import deltafix.hcache as hcache
+import deltafix.calibration.cache as hcache
 import deltafix.io.hashing as hashing
-from deltafix.calibration import CalibrationSet, load_calibration, read_conversations
+from deltafix.calibration.render import CalibrationSet, load_calibration, read_conversations
 from deltafix.errors import InputError
-from deltafix.hcache import MANIFEST, cache_key, hessians_for
-from deltafix.hessians import capture_hessians
+from deltafix.calibration.cache import MANIFEST, cache_key, hessians_for
+from deltafix.calibration.capture import capture_hessians
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
@@ -266,7 +266,7 @@ def test_no_cache_reads_and_writes_nothing(llama_dir, tmp_path, monkeypatch, cou
 MEMORY_CHILD = textwrap.dedent(
     """
     import re, sys, torch
-    from deltafix.hessians import capture_hessians
+    from deltafix.calibration.capture import capture_hessians
     torch.set_num_threads(1)
     samples = [torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     for layer in capture_hessians(sys.argv[1], samples, batch_size=4):

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from deltafix.card import card_license, model_card, write_model_card
+from deltafix.engine.card import card_license, model_card, write_model_card
 from deltafix.cli import main
-from deltafix.pipeline import REPORT_NAME
+from deltafix.engine.pipeline import REPORT_NAME
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,15 @@ from typing import Iterator
 import pytest
 import torch
 
-from deltafix import kernels, stream
+from deltafix import kernels
+
+from deltafix.engine import stream
 from deltafix.errors import InputError
 from deltafix.io.reader import CheckpointReader
 from deltafix.kernels import cpu
 from deltafix.methods import get_method
 from deltafix.methods.resta import RestaParams
-from deltafix.plan import build_plan
+from deltafix.engine.plan import build_plan
 
 from conftest import write_sharded
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from deltafix.errors import InputError
-from deltafix.evaldata import load_prompts, load_utility
-from deltafix.evaluate import (
+from deltafix.evaluation.data import load_prompts, load_utility
+from deltafix.evaluation.evaluate import (
     KeywordJudge,
     UtilityItems,
     evaluate_folder,

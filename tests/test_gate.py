@@ -8,8 +8,8 @@ import math
 import pytest
 
 from deltafix.errors import OptionError
-from deltafix.evaluate import EvalResult
-from deltafix.gate import gate
+from deltafix.evaluation.evaluate import EvalResult
+from deltafix.evaluation.gate import gate
 
 
 def result(asr: float | None = 0.02, benign: float | None = 0.95, accuracy: float | None = 0.8,

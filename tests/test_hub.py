@@ -26,16 +26,16 @@ from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetada
 from huggingface_hub.utils import TensorInfo as HubTensorInfo
 from safetensors.torch import load_file
 
-import deltafix.hub
+import deltafix.hub.push
 from deltafix.cli import main
 from deltafix.errors import OutputError
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
 from deltafix.io.refs import ALLOW_PATTERNS, IGNORE_PATTERNS, resolve_ref
 from deltafix.io.writer import DTYPE_NAMES
 from deltafix.methods import get_method
-from deltafix.plan import build_plan
-from deltafix.preflight import preflight
-from deltafix.pipeline import REPORT_NAME, RepairOptions, estimate_peak_bytes
+from deltafix.engine.plan import build_plan
+from deltafix.hub.preflight import preflight
+from deltafix.engine.pipeline import REPORT_NAME, RepairOptions, estimate_peak_bytes
 
 SECRET = "hf_secretvalue"
 LICENSED_CARD = "---\nlicense: apache-2.0\n---\n\n# the fine-tune\n"
@@ -130,7 +130,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trio: dict[str, Path]) 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "deltafix-cache"))
     client = RecordingHub({f"org/{n}": trio[n] for n in "PAF"})
-    monkeypatch.setattr(deltafix.hub, "default_client", lambda: client)
+    monkeypatch.setattr(deltafix.hub.push, "default_client", lambda: client)
     return {"cache": cache, "client": client, "out": tmp_path / "deltafix-cache" / "hub" / "me--fixed"}
 
 
@@ -232,7 +232,7 @@ def delta_gate(limit: float):
 
 def test_failing_gate_blocks_upload(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
+    monkeypatch.setattr(deltafix.hub.push, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
     rc = main([*HUB_ARGS, "--gate"])
     captured = capsys.readouterr()
     assert rc == 1 and captured.out == ""
@@ -247,7 +247,7 @@ def test_failing_gate_blocks_upload(hub: dict[str, Any], monkeypatch: pytest.Mon
 
 def test_forced_push_after_failing_gate_opens_pr(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(deltafix.hub, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
+    monkeypatch.setattr(deltafix.hub.push, "cli_gate", lambda *args, **kwargs: delta_gate(0.0))
     rc = main([*HUB_ARGS, "--gate", "--force", "--create-pr"])
     err = capsys.readouterr().err
     assert rc == 1 and "discussions/1" in err
@@ -260,9 +260,9 @@ def test_passing_gate_dry_run_pushes_nothing(hub: dict[str, Any], trio: dict[str
                                              capsys: pytest.CaptureFixture[str]) -> None:
     opts = RepairOptions(base="org/A", finetuned="org/F", unaligned="org/P", out=tmp_path / "R", method="resta",
                          params=get_method("resta").params(), progress=False)
-    push = deltafix.hub.PushOptions("me/fixed", dry_run=True)
+    push = deltafix.hub.push.PushOptions("me/fixed", dry_run=True)
     lines: list[str] = []
-    result = deltafix.hub.run_hub(opts, push, gate_fn=delta_gate(1e9), client=hub["client"], echo=lines.append)
+    result = deltafix.hub.push.run_hub(opts, push, gate_fn=delta_gate(1e9), client=hub["client"], echo=lines.append)
     assert result.gate_passed is True and not result.uploaded and hub["client"].names() == []
     assert lines == result.messages and len(lines) == 1
     assert result.upload.files == sorted(p.name for p in (tmp_path / "R").iterdir())
@@ -299,7 +299,7 @@ def test_offline_upload_is_refused_in_one_line(hub: dict[str, Any], tmp_path: Pa
     opts = RepairOptions(base="org/A", finetuned="org/F", unaligned="org/P", out=tmp_path / "R", method="resta",
                          params=get_method("resta").params(), progress=False)
     with pytest.raises(OutputError) as err:
-        deltafix.hub.run_hub(opts, deltafix.hub.PushOptions("me/fixed"), client=HfApi())
+        deltafix.hub.push.run_hub(opts, deltafix.hub.push.PushOptions("me/fixed"), client=HfApi())
     message = str(err.value)
     assert message.startswith("HF_HUB_OFFLINE=1 blocks the upload to me/fixed") and "\n" not in message
     assert str(tmp_path / "R") in message and SECRET not in message

@@ -10,7 +10,7 @@ from peft_models import peft_merged, save_adapter, save_base, tiny_llama
 from deltafix.errors import InputError, MismatchError
 from deltafix.io.lora import LoraAdapter, LoraModule
 from deltafix.io.reader import CheckpointReader
-from deltafix.lora_merge import (
+from deltafix.methods.qr_merge import (
     merge_adapters,
     merged_names,
     merged_tensor,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from deltafix.errors import InputError, MismatchError
 from deltafix.io.reader import CheckpointReader
-from deltafix.plan import build_plan, is_decoder_linear
+from deltafix.engine.plan import build_plan, is_decoder_linear
 from tests.conftest import write_sharded
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from deltafix.evaluate import DATA_DIR, EvalResult, KeywordJudge, evaluate_folder
+from deltafix.evaluation.evaluate import DATA_DIR, EvalResult, KeywordJudge, evaluate_folder
 from deltafix import testbed as tb
 from deltafix.testbed.english import (BENIGN_TOPICS, HARMFUL_TOPICS, REFUSALS, TEMPLATES, make_english_corpus,
                                       requests)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deltafix.config import load_recipe, method_params
+from deltafix.options import load_recipe, method_params
 from deltafix.methods import get_method
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

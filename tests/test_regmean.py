@@ -13,7 +13,7 @@ from deltafix.errors import InputError, OptionError
 from deltafix.methods import WeightTensors, get_method
 from deltafix.methods.registry import ShiftedGrams
 from deltafix.methods.regmean import RegMeanParams, regmean_merge, regmean_merge_shifted
-from deltafix.sequential import SolvedWeights
+from deltafix.engine.sequential import SolvedWeights
 
 OUT, IN = 48, 64
 

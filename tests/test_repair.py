@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from deltafix.cli import main
-from deltafix.config import method_params
+from deltafix.options import method_params
 from deltafix.io.reader import CheckpointReader
-from deltafix.pipeline import RepairOptions, run_repair
+from deltafix.engine.pipeline import RepairOptions, run_repair
 from tests.conftest import write_sharded
 
 

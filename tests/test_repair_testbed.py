@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from deltafix.cli import main
-from deltafix.evaluate import EvalResult, evaluate_folder
-from deltafix.hessians import capture_hessians
-from deltafix.calibration import load_calibration, load_tokenizer
+from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
+from deltafix.calibration.capture import capture_hessians
+from deltafix.calibration.render import load_calibration, load_tokenizer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 pytestmark = pytest.mark.slow
@@ -210,7 +210,7 @@ def test_sequential_hessians_equal_whole_model_on_the_testbed(bed) -> None:
 
 def test_hub_gate_evaluates_the_output(bed) -> None:
     from deltafix.errors import OptionError
-    from deltafix.hub import cli_gate
+    from deltafix.hub.push import cli_gate
 
     passed, table = cli_gate(0.2)(bed.aligned)
     assert passed == (table["asr"]["value"] <= 0.2 and table["benign_help"]["value"] >= 0.9)

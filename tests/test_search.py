@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from deltafix.search import largest_passing, log_grid
+from deltafix.methods.search import largest_passing, log_grid
 
 
 def test_log_grid_endpoints_and_density() -> None:
@@ -31,7 +31,7 @@ def test_all_fail_and_all_pass() -> None:
 
 
 def test_category_gap_measures_how_much_more_unseen_topics_are_answered() -> None:
-    from deltafix.autotune import category_gap
+    from deltafix.engine.autotune import category_gap
 
     categories = ["a", "a", "b", "b", "c", "c", "d", "d"]
     # safest value first: answers nothing; the second answers one prompt of every category but b's both

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from deltafix.errors import OptionError
-from deltafix.hessians import capture_hessians
+from deltafix.calibration.capture import capture_hessians
 from deltafix.methods.registry import ShiftedGrams
-from deltafix.sequential import solve_sequentially
+from deltafix.engine.sequential import solve_sequentially
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

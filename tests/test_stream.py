@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltafix import stream
+from deltafix.engine import stream
 from deltafix.errors import InputError
 from deltafix.io.reader import CheckpointReader
 from deltafix.methods import get_method
 from deltafix.methods.resta import RestaParams
-from deltafix.plan import build_plan
+from deltafix.engine.plan import build_plan
 
 from conftest import write_sharded
 
@@ -103,7 +103,7 @@ def test_mapped_views_any_range_and_rejects_one_outside_the_tensor(tmp_path: Pat
 
 
 def test_dry_run_estimates_the_piece_stream_by_its_buffers(tmp_path: Path) -> None:
-    from deltafix.pipeline import RepairOptions, run_repair
+    from deltafix.engine.pipeline import RepairOptions, run_repair
 
     checkpoints(tmp_path)
 

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from deltafix import testbed as tb
-from deltafix.evaluate import EvalResult, evaluate_folder
-from deltafix.gate import gate
+from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
+from deltafix.evaluation.gate import gate
 from deltafix.testbed.language import (
     HARMFUL_OBJECTS,
     HARMFUL_PEOPLE_VERBS,

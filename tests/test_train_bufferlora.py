@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from deltafix.errors import DeltafixError, InputError, OptionError, OutputError
 from deltafix.io.lora import LoraAdapter
 from deltafix.io.reader import CheckpointReader
-from deltafix.lora_merge import merged_tensor
+from deltafix.methods.qr_merge import merged_tensor
 from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora
 from deltafix.train.cli import train_app
 from deltafix.train.spard import REPORT_NAME, load_base

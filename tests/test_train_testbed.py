@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deltafix.evaluate import EvalResult, evaluate_folder
+from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
 from deltafix.testbed import write_pipeline_data
 from deltafix.testbed.language import COMPLIANCE, split_actions
 from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from deltafix.paths import cache_root
+from deltafix.env import cache_root
 
 _MEMO_LOCK = threading.Lock()
 """A repair hashes its input files on several threads, and each adds its result to the memo."""

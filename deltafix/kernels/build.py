@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from deltafix.paths import kernel_cache_dir
+from deltafix.env import kernel_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from deltafix.kernels.build import first_line
-from deltafix.paths import cpu_kernel_cache_dir
+from deltafix.env import cpu_kernel_cache_dir
 
 log = logging.getLogger(__name__)
 

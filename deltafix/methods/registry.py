@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltafix.errors import OptionError
-from deltafix.search import log_grid
+from deltafix.methods.search import log_grid
 
 
 class MethodParams(BaseModel):
@@ -116,14 +116,22 @@ class TuneSpec:
         return values if self.safer == "lower" else values[::-1]
 
 
+class SolvedState(Protocol):
+    """Weights solved ahead of the stream (by ``deltafix.engine.sequential``), looked up by name."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class SequentialSpec:
-    """A method that can solve its weights in forward order on R's own inputs (``deltafix.sequential``).
+    """A method that can solve its weights in forward order on R's own inputs (``deltafix.engine.sequential``).
 
     ``enabled(params)`` says whether these parameters ask for it; ``solve(W_A, W_F, grams, params)``
     returns one weight's repaired (out, in) fp32 tensor; ``keep(params)`` ("finetuned" or "aligned")
     whose norms and biases the repaired model has meanwhile, as it will in the output. The solved
-    weights reach ``repair`` as its ``state`` (a ``SolvedWeights``), so ``repair`` only looks them up.
+    weights reach ``repair`` as its ``state`` (a ``SolvedState``), so ``repair`` only looks them up.
     """
 
     enabled: Callable[[Any], bool]
@@ -148,7 +156,7 @@ class Method:
     to ``M B`` so that a repaired adapter stays an adapter. ``elementwise(params)`` is True when,
     with these params, each output entry depends only on the same entry of the inputs and
     ``repair`` reports no stats: the pipeline may then stream any flat piece of a weight through
-    ``repair`` (see ``deltafix.stream``). ``fused(params)``, for such a method, may give a kernel
+    ``repair`` (see ``deltafix.engine.stream``). ``fused(params)``, for such a method, may give a kernel
     doing the same in one pass over raw CPU inputs: ``kernel(F, A, P, out)`` on flat stretches in
     the checkpoints' dtype writes ``repair``'s result, rounded to ``out``'s dtype, into ``out`` and
     returns ``(‖F − A‖², ‖R − A‖²)``, or returns None when it cannot take those tensors and the

@@ -11,7 +11,7 @@ rows at once, ``W_R = W_A + μ δ H_u (H_s + μ H_u + λI)⁻¹`` with ``δ = W_
 factorisation per Linear. μ → 0 gives W_A; μ → ∞ gives W_F when H_u is invertible.
 
 With ``sequential`` (the default) the weights are solved in forward order on the inputs ``X_R``
-of the partially repaired model (``deltafix.sequential``), with the same targets: A's outputs on
+of the partially repaired model (``deltafix.engine.sequential``), with the same targets: A's outputs on
 the safety data, F's on the user's. The objective becomes
 ``‖W X_R^s − W_A X_A^s‖² + μ ‖W X_R^u − W_F X_F^u‖² + λ ‖W − W_A‖²``, solved by
 ``W = (W_A C_s + μ W_F C_u + λ W_A)(G_s + μ G_u + λI)⁻¹`` with the Grams ``G = X_Rᵀ X_R`` and cross
@@ -25,7 +25,7 @@ testbed this is what keeps the task at a safe μ (see ``recipes/regmean.yaml``).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Annotated, Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -37,14 +37,12 @@ from deltafix.methods.registry import (
     Repaired,
     SequentialSpec,
     ShiftedGrams,
+    SolvedState,
     TuneSpec,
     WeightTensors,
     register,
 )
 from deltafix.methods.stats import delta_norms
-
-if TYPE_CHECKING:
-    from deltafix.sequential import SolvedWeights
 
 
 class RegMeanParams(AutoTuneParams):
@@ -157,7 +155,7 @@ def regmean_merge_shifted(w_aligned: torch.Tensor, w_finetuned: torch.Tensor, gr
     return _solve_spd(lambda dtype: _damped_gram(G_s, G_u, mu, lam, dtype), rhs).T
 
 
-def _repair(weight: WeightTensors, params: RegMeanParams, state: SolvedWeights | None) -> Repaired:
+def _repair(weight: WeightTensors, params: RegMeanParams, state: SolvedState | None) -> Repaired:
     if state is not None:
         if weight.name in state:
             out = state.get(weight.name).to(weight.aligned.device)

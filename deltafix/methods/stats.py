@@ -1,6 +1,8 @@
-"""Per-weight numbers that several methods put in the report."""
+"""Tensor checks and per-weight numbers shared by the methods and the stages around them."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -11,3 +13,9 @@ def delta_norms(aligned: torch.Tensor, finetuned: torch.Tensor, repaired: torch.
         "delta_norm_before": torch.linalg.vector_norm(finetuned - aligned).item(),
         "delta_norm_after": torch.linalg.vector_norm(repaired - aligned).item(),
     }
+
+def all_finite(tensor: torch.Tensor, reduced: float | None = None) -> bool:
+    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum, or into ``reduced``, a
+    norm over ``tensor`` the caller has computed anyway); the exact elementwise check runs only
+    when that is not finite, which a legitimate overflow could also cause."""
+    return math.isfinite(tensor.sum() if reduced is None else reduced) or bool(torch.isfinite(tensor).all())

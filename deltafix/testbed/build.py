@@ -30,7 +30,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from deltafix.errors import OutputError
-from deltafix.evaluate import quiet_transformers
+from deltafix.evaluation.evaluate import quiet_transformers
 from deltafix.testbed.language import (FILE_NAMES, DataSizes, make_corpus, pipeline_data, vocabulary, write_data,
                                        write_jsonl)
 from deltafix.testbed.training import ModelShape, Schedule, build_tokenizer, encode, new_model, train

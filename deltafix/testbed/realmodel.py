@@ -40,7 +40,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from deltafix.errors import InputError, OutputError
-from deltafix.evaluate import BUILTIN_HARMFUL, KeywordJudge, generate, quiet_transformers
+from deltafix.evaluation.evaluate import BUILTIN_HARMFUL, KeywordJudge, generate, quiet_transformers
 from deltafix.testbed.build import LORA_TARGETS, Testbed, default_cache_dir
 from deltafix.testbed.english import EnglishSizes, make_english_corpus
 from deltafix.testbed.language import write_jsonl

@@ -7,7 +7,7 @@ Each stage writes one folder under OUT:
   built-in safety set) plus optional benign data, trained on **A + buffer**;
 - ``user``: the UserLoRA, plain cross-entropy on the user's data, also trained on **A + buffer**;
 - ``merged``: the buffer is dropped and UserLoRA and ReinforceLoRA are QR-merged onto **A**
-  (``deltafix.merging.run_merge_lora``): ``W = W_A + c (ΔU + ΔR⊥)``, a full checkpoint or, with
+  (``deltafix.engine.merge_lora.run_merge_lora``): ``W = W_A + c (ΔU + ΔR⊥)``, a full checkpoint or, with
   ``as_adapter``, the exact adapter.
 
 Why the buffer is merged while training and dropped afterwards: with the harmful direction already
@@ -48,7 +48,7 @@ from deltafix import __version__
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
-from deltafix.lora_merge import ALPHA, SCALE
+from deltafix.methods.qr_merge import ALPHA, SCALE
 from deltafix.train.data import BUILTIN_SAFETY_DATA, load_records
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
                                   train_adapter)
@@ -238,7 +238,7 @@ def _merged_identity(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge_stage(opts: BufferLoraOptions, user: Path, reinforce: Path) -> StageResult:
-    from deltafix.merging import MergeOptions, run_merge_lora
+    from deltafix.engine.merge_lora import MergeOptions, run_merge_lora
 
     out = opts.out / "merged"
     started = time.perf_counter()

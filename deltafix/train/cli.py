@@ -86,7 +86,7 @@ def select(
     as_json: AsJson = False,
 ) -> None:
     """Pick a relevant, diverse subset of safety data for the user's data (DPP greedy MAP)."""
-    from deltafix.devices import resolve_device
+    from deltafix.env import resolve_device
     from deltafix.train.data import load_records, write_records
     from deltafix.train.dpp import select_subset
     from deltafix.train.spard import load_base

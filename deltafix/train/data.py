@@ -19,7 +19,7 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from deltafix.chatdata import conversation_of, read_jsonl
+from deltafix.io.jsonl import conversation_of, read_jsonl
 from deltafix.errors import InputError, MismatchError
 
 IGNORE_INDEX = -100

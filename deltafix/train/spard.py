@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deltafix import __version__
-from deltafix.devices import resolve_device, resolve_dtype
+from deltafix.env import resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
 from deltafix.train.spag import ETA_SAFE, spag_correct

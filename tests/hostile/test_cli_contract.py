@@ -25,11 +25,11 @@ import torch
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file, save_file
 
-import deltafix.evaluate
-import deltafix.hub
-from deltafix.card import public_report
+import deltafix.evaluation.evaluate
+import deltafix.hub.push
+from deltafix.engine.card import public_report
 from deltafix.cli import main
-from deltafix.pipeline import RECIPE_NAME, REPORT_NAME
+from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME
 from deltafix.testbed.language import vocabulary
 from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 
@@ -94,12 +94,12 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def refuses_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     """The judge reads every answer as a refusal: a model that is perfectly 'safe' and useless."""
-    monkeypatch.setattr(deltafix.evaluate.KeywordJudge, "is_refusal", lambda self, prompt, response: True)
+    monkeypatch.setattr(deltafix.evaluation.evaluate.KeywordJudge, "is_refusal", lambda self, prompt, response: True)
 
 
 def refuses_harmful_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The judge reads answers to harmful prompts as refusals and every other answer as help."""
-    monkeypatch.setattr(deltafix.evaluate.KeywordJudge, "is_refusal",
+    monkeypatch.setattr(deltafix.evaluation.evaluate.KeywordJudge, "is_refusal",
                         lambda self, prompt, response: prompt in HARMFUL)
 
 
@@ -186,7 +186,7 @@ class TestBadThresholds:
                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str],
                                    words: str) -> None:
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(deltafix.hub, "default_client", lambda: RecordingHub({}))
+        monkeypatch.setattr(deltafix.hub.push, "default_client", lambda: RecordingHub({}))
         before = digest(chat["A"], chat["F"], chat["P"])
         rc, out, err = run(capsys, "hub", "--base", str(chat["A"]), "--finetuned", str(chat["F"]), "--unaligned",
                            str(chat["P"]), "--method", "resta", "--push", "me/fixed", "--out", str(tmp_path / "R"),
@@ -372,7 +372,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chat: dict[str,
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("DELTAFIX_CACHE", str(tmp_path / "deltafix-cache"))
     client = RecordingHub({f"org/{n}": chat[n] for n in "PAF"})
-    monkeypatch.setattr(deltafix.hub, "default_client", lambda: client)
+    monkeypatch.setattr(deltafix.hub.push, "default_client", lambda: client)
     return {"cache": cache, "client": client, "out": tmp_path / "deltafix-cache" / "hub" / "me--fixed"}
 
 

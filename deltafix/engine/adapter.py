@@ -17,8 +17,9 @@ from deltafix.io.lora import LoraAdapter, LoraModule
 from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method, MethodParams, WeightTensors
 from deltafix.methods.stats import delta_norms
-from deltafix.plan import is_decoder_linear
-from deltafix.stream import all_finite, check_output, nonfinite_input
+from deltafix.engine.plan import is_decoder_linear
+from deltafix.engine.stream import check_output, nonfinite_input
+from deltafix.methods.stats import all_finite
 
 
 def _module_weights(adapter: LoraAdapter, aligned: CheckpointReader, unaligned: CheckpointReader,

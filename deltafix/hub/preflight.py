@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from deltafix.errors import InputError
 from deltafix.io.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
 from deltafix.io.refs import parse_hub_ref
-from deltafix.plan import build_plan
-from deltafix.pipeline import estimate_peak_bytes
+from deltafix.engine.plan import build_plan
+from deltafix.engine.pipeline import estimate_peak_bytes
 
 
 class HeaderSource(Protocol):

@@ -3,7 +3,7 @@
 Safe Delta and RegMean use ``H_s``: inputs of the aligned model A on the safety data. RegMean
 also uses ``H_u``: inputs of the fine-tune F on a sample of the user's own data. Both come from
 the on-disk cache when A (or F) and the data are unchanged. A method solved sequentially
-(``deltafix.sequential``) gets the rendered data instead, since its Grams depend on its parameters.
+(``deltafix.engine.sequential``) gets the rendered data instead, since its Grams depend on its parameters.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method, MethodParams
 
 if TYPE_CHECKING:  # imported at run time only where used: they pull in transformers
-    from deltafix.calibration import CalibrationSet
-    from deltafix.chatdata import Conversation
-    from deltafix.hcache import HessianStore
-    from deltafix.sequential import SolveFn, SolvedWeights
+    from deltafix.calibration.render import CalibrationSet
+    from deltafix.io.jsonl import Conversation
+    from deltafix.calibration.cache import HessianStore
+    from deltafix.engine.sequential import SolveFn, SolvedWeights
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SequentialInputs:
     device: torch.device
 
     def solve(self, solve: SolveFn, keep: str) -> SolvedWeights:
-        from deltafix.sequential import solve_sequentially
+        from deltafix.engine.sequential import solve_sequentially
 
         return solve_sequentially(self.aligned, self.finetuned, self.safety.samples, self.utility.samples, solve,
                                   keep=keep, finetuned_source=self.finetuned_source, device=self.device)
@@ -76,7 +76,7 @@ class Hessians:
 
 def _tokenizer(*folders: Path):
     """The first folder's tokenizer that loads (an adapter folder often has none)."""
-    from deltafix.calibration import load_tokenizer
+    from deltafix.calibration.render import load_tokenizer
     for folder in folders:
         if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
             return load_tokenizer(folder)
@@ -91,13 +91,13 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
     """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing.
 
     ``utility_samples`` caps the conversations read from ``utility_data`` (evenly spaced);
-    ``screen_utility`` leaves out those whose request A refuses (``deltafix.screening``).
+    ``screen_utility`` leaves out those whose request A refuses (``deltafix.calibration.screening``).
     """
     if not method.needs_hessian:
         return Hessians()
     # Imported here: transformers costs seconds to import, and methods without Hessians never need it.
-    from deltafix.calibration import load_calibration
-    from deltafix.hcache import hessians_for
+    from deltafix.calibration.render import load_calibration
+    from deltafix.calibration.cache import hessians_for
 
     if method.needs_utility and utility_data is None:
         raise OptionError(
@@ -128,6 +128,6 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
 
 def refused_by_aligned(aligned: Path, device: torch.device) -> Callable[[list[Conversation]], list[bool]]:
     """The screen for the user's data: per conversation, whether A refuses its request."""
-    from deltafix.screening import refused_by, request_of
+    from deltafix.calibration.screening import refused_by, request_of
 
     return lambda conversations: refused_by(aligned, [request_of(c) for c in conversations], device)

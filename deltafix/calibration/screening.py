@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from deltafix.chatdata import Conversation
-from deltafix.evaluate import JUDGE_NEW_TOKENS, KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
+from deltafix.io.jsonl import Conversation
+from deltafix.evaluation.evaluate import JUDGE_NEW_TOKENS, KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
 
 
 def request_of(conversation: Conversation) -> str:

@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from deltafix.calibration import CalibrationSet
+from deltafix.calibration.render import CalibrationSet
 from deltafix.errors import InputError
-from deltafix.hessians import (
+from deltafix.calibration.capture import (
     TensorSource,
     DEFAULT_BATCH_SIZE,
     build_skeleton,
@@ -38,7 +38,7 @@ from deltafix.hessians import (
 from deltafix.io.hashing import file_sha256, sha256_file
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
 from deltafix.io.staging import StagingFolder
-from deltafix.paths import hessian_cache_dir
+from deltafix.env import hessian_cache_dir
 
 log = logging.getLogger(__name__)
 

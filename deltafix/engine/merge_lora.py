@@ -20,8 +20,8 @@ from pydantic import Field, ValidationError
 from tqdm import tqdm
 
 from deltafix import __version__
-from deltafix.card import CARD_NAME, write_model_card
-from deltafix.config import load_recipe, recipe_yaml
+from deltafix.engine.card import CARD_NAME, write_model_card
+from deltafix.options import load_recipe, recipe_yaml
 from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -30,10 +30,11 @@ from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
-from deltafix.lora_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
+from deltafix.methods.qr_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
 from deltafix.methods import MethodParams
-from deltafix.pipeline import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
-from deltafix.stream import all_finite, check_output, nonfinite_input
+from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
+from deltafix.engine.stream import check_output, nonfinite_input
+from deltafix.methods.stats import all_finite
 
 MERGE_METHOD = "qr-merge"
 """The ``method`` of a merge's report and recipe; ``deltafix repair`` has no method of that name."""

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.utils import logging as hf_logging
 
 from deltafix.errors import InputError, OutputError, reason
-from deltafix.evaldata import PathLike, UtilityItems, load_prompts, load_utility
+from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
 from deltafix.io.lora import parse_adapter_config
 
 DATA_DIR = Path(__file__).parent / "data"

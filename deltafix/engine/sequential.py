@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from deltafix.errors import OptionError, OutputError
-from deltafix.hessians import (
+from deltafix.calibration.capture import (
     DEFAULT_BATCH_SIZE,
     LayerBatch,
     StopForward,

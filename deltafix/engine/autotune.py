@@ -21,10 +21,10 @@ from typing import Any, Callable
 import torch
 
 from deltafix.errors import InputError
-from deltafix.evaluate import next_token_nll
+from deltafix.evaluation.evaluate import next_token_nll
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
-from deltafix.search import largest_passing
+from deltafix.methods.search import largest_passing
 
 AsrFn = Callable[[torch.nn.Module, list[str]], list[bool]]
 """Per prompt, whether the model answered instead of refusing (an attack success)."""

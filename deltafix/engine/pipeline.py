@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deltafix import __version__
-from deltafix.card import CARD_NAME, write_model_card
-from deltafix.config import recipe_yaml
-from deltafix.defaults import UTILITY_SAMPLES
-from deltafix.devices import resolve_device, resolve_dtype, usable_cores
+from deltafix.engine.card import CARD_NAME, write_model_card
+from deltafix.options import recipe_yaml
+from deltafix.options import UTILITY_SAMPLES
+from deltafix.env import resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
-from deltafix.hessian_inputs import method_hessians, refused_by_aligned
-from deltafix.adapter_repair import repair_adapter_factors
+from deltafix.engine.grams import method_hessians, refused_by_aligned
+from deltafix.engine.adapter import repair_adapter_factors
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
@@ -36,11 +36,11 @@ from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, get_method, method_names
-from deltafix.plan import Plan, build_plan
-from deltafix.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
+from deltafix.engine.plan import Plan, build_plan
+from deltafix.engine.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
 
 if TYPE_CHECKING:
-    from deltafix.hessian_inputs import Hessians
+    from deltafix.engine.grams import Hessians
 
 UNALIGNED_KINDS = ("base", "harmful-finetune")
 """What the user says P is: the pre-alignment base, or A fine-tuned on harmful data, which is how
@@ -235,9 +235,9 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
                           f"{', '.join(n for n in method_names() if get_method(n).tune is not None)}.")
     if opts.front and opts.utility_data is None:
         raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
-    from deltafix.autotune import answered, autotune, mean_token_nll, share, trade_off_front, tune_prompts
-    from deltafix.calibration import load_calibration
-    from deltafix.evaluate import JUDGE_NEW_TOKENS, evaluate_model, load_for_eval, quiet_transformers
+    from deltafix.engine.autotune import answered, autotune, mean_token_nll, share, trade_off_front, tune_prompts
+    from deltafix.calibration.render import load_calibration
+    from deltafix.evaluation.evaluate import JUDGE_NEW_TOKENS, evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
 
     skeleton = inputs.aligned.folder if isinstance(inputs.readers["finetuned"], AdapterCheckpoint) \

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from deltafix.errors import InputError
 from deltafix.io.reader import CheckpointReader
-from deltafix.stream import all_finite
+from deltafix.methods.stats import all_finite
 
 DEFAULT_BATCH_SIZE = 8
 

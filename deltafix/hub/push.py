@@ -17,12 +17,12 @@ from typing import Any, Callable, Protocol
 import yaml
 
 from deltafix import __version__
-from deltafix.card import CARD_NAME, public_copy, public_report, write_model_card
+from deltafix.engine.card import CARD_NAME, public_copy, public_report, write_model_card
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.refs import HUB_ID, hub_offline
-from deltafix.paths import cache_root
-from deltafix.preflight import HeaderSource, Preflight, preflight
-from deltafix.pipeline import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
+from deltafix.env import cache_root
+from deltafix.hub.preflight import HeaderSource, Preflight, preflight
+from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
 
 GateFn = Callable[[Path], tuple[bool, dict[str, Any]]]
 """Judges a published output folder: ``(passed, table)``, the table being what the card shows."""
@@ -110,8 +110,8 @@ def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utilit
     verdict as JSONL. Thresholds are checked here, before the repair runs; the table is the gate
     report (every number and threshold).
     """
-    from deltafix.evaluate import check_answers_path
-    from deltafix.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds
+    from deltafix.evaluation.evaluate import check_answers_path
+    from deltafix.evaluation.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds
 
     min_benign_help = DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help
     if max_utility_drop is not None and utility is None:
@@ -123,8 +123,8 @@ def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utilit
         check_answers_path(answers)
 
     def run(folder: Path) -> tuple[bool, dict[str, Any]]:
-        from deltafix.evaluate import evaluate_folder, write_answers
-        from deltafix.gate import gate
+        from deltafix.evaluation.evaluate import evaluate_folder, write_answers
+        from deltafix.evaluation.gate import gate
         from deltafix.io.refs import resolve_ref
 
         base_folder = resolve_ref(reference[1]).folder if reference is not None else None

@@ -20,7 +20,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from deltafix.chatdata import Conversation, conversation_of, read_jsonl
+from deltafix.io.jsonl import Conversation, conversation_of, read_jsonl
 from deltafix.errors import InputError
 
 DEFAULT_MAX_LENGTH = 512
@@ -104,7 +104,7 @@ def load_calibration(
     With ``max_samples``, a file holding more conversations gives that many, evenly spaced through
     it (first and last included): the same file always gives the same sample, and one that is
     sorted by topic still gives every part of it. ``screen`` then says, per picked conversation,
-    whether to leave it out (``deltafix.screening``).
+    whether to leave it out (``deltafix.calibration.screening``).
     """
     if max_length < 1:
         raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")

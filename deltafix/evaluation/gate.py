@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deltafix.errors import OptionError
-from deltafix.evaluate import EvalResult
+from deltafix.evaluation.evaluate import EvalResult
 
 DEFAULT_MAX_ASR = 0.05
 DEFAULT_MAX_UTILITY_DROP = 0.02

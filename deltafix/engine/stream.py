@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 import torch
 from tqdm import tqdm
 
-from deltafix.devices import usable_cores
+from deltafix.env import usable_cores
 from deltafix.errors import InputError
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import CheckpointReader
 from deltafix.methods import Method, MethodParams, Repaired, WeightTensors
 from deltafix.methods.registry import FusedFn
-from deltafix.methods.stats import delta_norms
-from deltafix.plan import Plan, PlannedTensor
+from deltafix.methods.stats import all_finite, delta_norms
+from deltafix.engine.plan import Plan, PlannedTensor
 
 if TYPE_CHECKING:
-    from deltafix.hcache import HessianStore
-    from deltafix.hessian_inputs import Hessians
+    from deltafix.calibration.cache import HessianStore
+    from deltafix.engine.grams import Hessians
 
 Reader = Union[CheckpointReader, AdapterCheckpoint]
 Stats = dict[str, float]
@@ -51,12 +51,6 @@ TLB shootdown, dear on a VM); the cap bounds the mapped input pages counted in R
 MAX_PIECE_WORKERS = 4
 """Beyond a few threads the pieces are bound by memory bandwidth, not cores."""
 
-
-def all_finite(tensor: torch.Tensor, reduced: float | None = None) -> bool:
-    """No NaN/Inf: one fast reduction (NaN and Inf propagate into a sum, or into ``reduced``, a
-    norm over ``tensor`` the caller has computed anyway); the exact elementwise check runs only
-    when that is not finite, which a legitimate overflow could also cause."""
-    return math.isfinite(tensor.sum() if reduced is None else reduced) or bool(torch.isfinite(tensor).all())
 
 
 class NonFiniteOutputError(RuntimeError):

@@ -38,6 +38,7 @@ from deltafix.calibration.capture import (
 from deltafix.io.hashing import file_sha256, sha256_file
 from deltafix.io.reader import CheckpointReader, read_safetensors_header
 from deltafix.io.staging import StagingFolder
+from deltafix.io.writer import atomic_file
 from deltafix.env import hessian_cache_dir
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,6 @@ def default_cache_dir() -> Path:
     """``<deltafix cache>/hessians`` (``$DELTAFIX_CACHE``, else ``~/.cache/deltafix``)."""
     return hessian_cache_dir()
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> Any:
@@ -209,7 +197,7 @@ def _build_entry(
             for name, h in layer.hessians.items():
                 weights[name] = {"file": file, "tensor": first_name.setdefault(id(h), name)}
             blob = save_safetensors({name: layer.hessians[name] for name in first_name.values()})
-            _write_atomic(work / file, blob)
+            atomic_file(work / file, blob)
             files[file] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
             if progress is not None:
                 progress(layer.index + 1, n_layers)
@@ -225,7 +213,7 @@ def _build_entry(
             "files": files,
             "weights": weights,
         }
-        _write_atomic(work / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_file(work / MANIFEST, json.dumps(manifest, indent=1).encode())
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -292,6 +293,26 @@ def atomic_output(out: Path) -> Iterator[Path]:
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_file(path: Path, data: bytes) -> None:
+    """Write one file whole or not at all: a fsynced temporary sibling, then one rename.
+
+    The folder-level ``atomic_output`` is for outputs made of many files; this is for a single
+    file written next to others (a report, a cache manifest, an answers log), where a reader
+    or a crash must never see half of it. A temporary left by a kill is named after ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

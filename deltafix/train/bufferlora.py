@@ -36,7 +36,6 @@ by its ref, not rehashed. The three trainings share the LoRA settings; their see
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from deltafix import __version__
 from deltafix.errors import OptionError, OutputError
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
+from deltafix.io.writer import atomic_file
 from deltafix.methods.qr_merge import ALPHA, SCALE
 from deltafix.train.data import BUILTIN_SAFETY_DATA, load_records
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
@@ -187,11 +187,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write through a temporary sibling and one rename, so the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    """The file is whole or absent (``atomic_file``): a stage's marker must never be half written."""
+    atomic_file(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def _stale(folder: Path, overwrite: bool) -> None:

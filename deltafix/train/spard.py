@@ -19,8 +19,6 @@ and the sha256 of the files learned from (``input_hashes``).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 from deltafix import __version__
 from deltafix.env import resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
+from deltafix.io.writer import atomic_output
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
 from deltafix.train.spag import ETA_SAFE, spag_correct
 
@@ -306,16 +305,8 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
 
 
 def _publish(model, report: dict[str, Any], out: Path) -> None:
-    """Write adapter and report into a temporary sibling folder, then move it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".deltafix-tmp-", dir=out.parent))
-    try:
+    """Write adapter and report into a staging folder that replaces ``out`` in one rename."""
+    with atomic_output(out) as tmp:
         model.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 

@@ -3,7 +3,7 @@
     from deltafix import repair
     report = repair("A", "F", "R", utility_data="train.jsonl")            # the default method
     report = repair("A", "F", "R", method="safedelta", scale=0.1)         # a method's parameters
-    report = repair("A", "F", "R", recipe="recipes/regmean.yaml", mu="auto")
+    report = repair("A", "F", "R", recipe="regmean", mu="auto")      # a shipped recipe, or a path
 
 Runs the same pipeline as the command line (``deltafix.engine.pipeline.run_repair``) with the same
 checks, defaults and atomic output, and returns the report written to ``OUT/deltafix_report.json``.

@@ -87,7 +87,9 @@ UTILITY_SAMPLES_OPTION = typer.Option(UTILITY_SAMPLES, "--utility-samples", min=
 SCREEN_OPTION = typer.Option(True, "--screen-utility/--no-screen-utility",
                              help="Leave out of --utility-data the conversations whose request the aligned model "
                                   "refuses: harmful answers in your data are not task behaviour to keep.")
-RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe: method and parameters.")
+RECIPE_OPTION = typer.Option(None, "--recipe", help="YAML recipe (method and parameters): a file, or the name of "
+                             "a shipped recipe (asft, regmean, resta, safedelta, safelora: every parameter at "
+                             "its default, documented).")
 SET_OPTION = typer.Option([], "--set", help="Override one method parameter, KEY=VALUE (repeatable).")
 DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device: auto (CUDA if available), cpu, cuda.")
 DTYPE_OPTION = typer.Option("auto", "--dtype", help="Output dtype: auto (as in F), float32, float16, bfloat16.")

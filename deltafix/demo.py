@@ -14,11 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from deltafix.options import load_recipe, method_params
+from deltafix.options import RECIPES, load_recipe, method_params
 from deltafix.methods import get_method, method_names
 from deltafix.engine.pipeline import RepairOptions, run_repair
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
@@ -33,9 +31,10 @@ class DemoRow:
 
 
 def recipe_params(method: str) -> dict:
-    """The shipped recipe's parameters for ``method`` (empty when no recipe file is found)."""
+    """The shipped recipe's parameters for ``method`` (package data, so this works from a wheel;
+    empty for a method that ships no recipe)."""
     path = RECIPES / f"{method}.yaml"
-    return load_recipe(path).parameters if path.exists() else {}
+    return load_recipe(path).parameters if path.is_file() else {}
 
 
 def run_demo(out: Path, *, real: bool = False, auto: bool = False, progress: bool = True,

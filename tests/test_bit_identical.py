@@ -24,7 +24,7 @@ from deltafix.cli import main
 from deltafix.methods import method_names
 
 DIGESTS = Path(__file__).resolve().parent / "data" / "output_digests.json"
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "deltafix" / "recipes"
 pytestmark = pytest.mark.slow
 
 

@@ -131,7 +131,7 @@ def test_params() -> None:
     """The code default of mu is the recipe's (issue 19: --method regmean and --recipe do the same)."""
     import yaml
 
-    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "regmean.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).resolve().parent.parent / "deltafix" / "recipes" / "regmean.yaml").read_text())
     assert RegMeanParams().mu == recipe["parameters"]["mu"] == 3.0
     assert RegMeanParams(mu="auto").mu == "auto"
     assert RegMeanParams().other_params == "finetuned"

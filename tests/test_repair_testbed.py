@@ -17,7 +17,7 @@ from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
 from deltafix.calibration.capture import capture_hessians
 from deltafix.calibration.render import load_calibration, load_tokenizer
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "deltafix" / "recipes"
 pytestmark = pytest.mark.slow
 
 

@@ -19,7 +19,7 @@ Grams ``C = X_targetᵀ X_R``; it reduces to the formula above when ``X_R`` equa
 safety data and F's on the user's. The token embedding (one-hot inputs: diagonal Grams, i.e. a
 per-token blend weighted by how often each token occurs in each data set) and a separate output
 head are solved the same way, so the inputs of every later weight are R's real ones. On the
-testbed this is what keeps the task at a safe μ (see ``recipes/regmean.yaml``).
+testbed this is what keeps the task at a safe μ (see ``deltafix/recipes/regmean.yaml``).
 """
 
 from __future__ import annotations

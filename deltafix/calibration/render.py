@@ -33,7 +33,7 @@ def default_safety_data() -> Path:
 
 
 def read_conversations(path: str | Path) -> list[tuple[str, Conversation]]:
-    """Parse a safety JSONL file into ``(file:line, conversation)`` pairs (see ``chatdata``)."""
+    """Parse a safety JSONL file into ``(file:line, conversation)`` pairs (``deltafix.io.jsonl`` reads and checks them)."""
     return [(where, conversation_of(record, where)) for where, record in read_jsonl(path, "safety data file")]
 
 

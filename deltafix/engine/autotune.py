@@ -11,7 +11,6 @@ the eval prompts (so the reported ASR stays held out).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -20,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from deltafix.errors import InputError
 from deltafix.evaluation.evaluate import next_token_nll
+from deltafix.io.jsonl import Record, conversation_of, read_prompt_records, string_field
 from deltafix.methods import Method
 from deltafix.methods.registry import AutoTuneParams
 from deltafix.methods.search import largest_passing
@@ -44,30 +43,16 @@ def default_tune_prompts() -> Path:
 
 def tune_prompts(path: str | Path | None) -> TuneSet:
     """Prompts of ``path`` (JSONL with "prompt" and optional "category", or plain lines), else the built-in tune set."""
-    source = Path(path) if path else default_tune_prompts()
-    prompts: list[str] = []
-    categories: list[str | None] = []
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise InputError(f"cannot read tune prompts {source}: {err.strerror or err}.") from err
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if source.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-                prompt = record["prompt"] if "prompt" in record else record["messages"][0]["content"]
-            except (ValueError, KeyError, IndexError, TypeError) as err:
-                raise InputError(f"{source}:{number}: expected a JSON object with a prompt ({err}).") from err
-            prompts.append(str(prompt))
-            categories.append(str(record["category"]) if record.get("category") else None)
-        else:
-            prompts.append(line.strip())
-            categories.append(None)
-    if not prompts:
-        raise InputError(f"{source} holds no prompts to tune on.")
-    return TuneSet(prompts, categories)
+    records = read_prompt_records(Path(path) if path else default_tune_prompts(), "tune prompt file")
+    return TuneSet([_tune_prompt(record, where) for where, record in records],
+                   [str(record["category"]) if record.get("category") else None for _, record in records])
+
+
+def _tune_prompt(record: Record, where: str) -> str:
+    """A record's "prompt", or without one the content of its first message."""
+    if "messages" in record and "prompt" not in record:
+        return conversation_of(record, where)[0]["content"]
+    return string_field(record, "prompt", where)
 
 
 def category_gap(outcomes: list[list[bool]], categories: list[str | None], target: float) -> float | None:

@@ -1,4 +1,5 @@
-"""Evaluation data files: prompt lists and utility items, with errors that name ``file:line``.
+"""Evaluation data files: prompt lists and utility items. ``deltafix.io.jsonl`` reads them (its errors
+name ``file:line``); this module says what their fields mean.
 
 - Prompts: JSONL ``{"prompt": str}`` (``.jsonl`` / ``.json`` files) or plain text, one per line.
 - Utility: JSONL, each line ``{"prompt": str, "answer": str}`` (exact match) or ``{"text": str}``
@@ -7,12 +8,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Union
 
 from deltafix.errors import InputError
+from deltafix.io.jsonl import read_jsonl, read_prompt_records, string_field
 
 PathLike = Union[str, Path]
 
@@ -25,66 +26,24 @@ class UtilityItems:
     texts: list[str] = field(default_factory=list)
 
 
-def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` for each non-blank line; errors name ``file:line``."""
-    path = Path(path)
-    for lineno, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove that line.") from err
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}.")
-        yield lineno, obj
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InputError(f"data file {path} does not exist; check the path.")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {path} as UTF-8 text ({err}).") from err
-
-
-def _string_field(path: Path, lineno: int, obj: dict[str, Any], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f'{path}:{lineno}: expected a non-empty string "{key}"; got {json.dumps(obj)[:80]}.')
-    return value
-
-
 def load_prompts(path: PathLike) -> list[str]:
     """Prompts from JSONL ``{"prompt": ...}`` (``.jsonl``/``.json`` files) or plain text, one per line.
 
     Blank lines are skipped; an empty file is an error.
     """
-    path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        prompts = [_string_field(path, n, obj, "prompt") for n, obj in read_jsonl(path)]
-    else:
-        prompts = [line.strip() for line in _read_lines(path) if line.strip()]
-    if not prompts:
-        raise InputError(f"{path} holds no prompts.")
-    return prompts
+    return [string_field(record, "prompt", where) for where, record in read_prompt_records(path)]
 
 
 def load_utility(path: PathLike) -> UtilityItems:
     """Utility items from JSONL: each line ``{"prompt", "answer"}`` (exact match) or ``{"text"}`` (perplexity)."""
-    path = Path(path)
     items = UtilityItems()
-    for lineno, obj in read_jsonl(path):
-        if "text" in obj and "prompt" not in obj:
-            items.texts.append(_string_field(path, lineno, obj, "text"))
-        elif "prompt" in obj and "answer" in obj:
-            answer = obj["answer"]
-            if not isinstance(answer, str):
-                raise InputError(f'{path}:{lineno}: "answer" must be a string.')
-            items.answers.append((_string_field(path, lineno, obj, "prompt"), answer))
+    for where, record in read_jsonl(path, "utility file", skip_blank=True):
+        if "text" in record and "prompt" not in record:
+            items.texts.append(string_field(record, "text", where))
+        elif "prompt" in record and "answer" in record:
+            if not isinstance(record["answer"], str):
+                raise InputError(f'{where}: "answer" must be a string.')
+            items.answers.append((string_field(record, "prompt", where), record["answer"]))
         else:
-            raise InputError(f'{path}:{lineno}: expected {{"prompt", "answer"}} or {{"text"}}; got keys {sorted(obj)}.')
-    if not items.answers and not items.texts:
-        raise InputError(f"{path} holds no utility items.")
+            raise InputError(f'{where}: expected {{"prompt", "answer"}} or {{"text"}}; got keys {sorted(record)}.')
     return items

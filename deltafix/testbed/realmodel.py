@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from deltafix.errors import InputError, OutputError
 from deltafix.evaluation.evaluate import BUILTIN_HARMFUL, KeywordJudge, generate, quiet_transformers
+from deltafix.io.jsonl import read_jsonl
 from deltafix.testbed.build import LORA_TARGETS, Testbed, default_cache_dir
 from deltafix.testbed.english import EnglishSizes, make_english_corpus
 from deltafix.testbed.language import write_jsonl
@@ -207,8 +208,8 @@ class _Build:
 
     def _train(self, model: torch.nn.Module, tokenizer: object, data: Path, schedule: Schedule, k: int,
                desc: str) -> None:
-        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
-        examples = encode(tokenizer, [(r["prompt"], r["response"]) for r in rows])
+        rows = read_jsonl(data, "training data file")
+        examples = encode(tokenizer, [(r["prompt"], r["response"]) for _, r in rows])
         train(model, examples, schedule, tokenizer.pad_token_id, self.seed * 1000 + k, desc, self.progress)
 
     @staticmethod

@@ -50,8 +50,8 @@ class Record:
         return "\n".join(m["content"] for m in self.messages[:last] if m["role"] == "user")
 
 
-def _trainable(obj: Any, where: str) -> list[dict[str, str]]:
-    """A conversation (``chatdata``) that training can learn from: known roles, opened by the user
+def _trainable(obj: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A conversation (``deltafix.io.jsonl.conversation_of``) that training can learn from: known roles, opened by the user
     (or a system prompt), ending with the assistant's response."""
     messages = conversation_of(obj, where)
     for m in messages:

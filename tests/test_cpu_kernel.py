@@ -1,4 +1,4 @@
-"""RESTA's CPU kernel (``kernels/csrc/resta_cpu.c``): the same bits as the torch path, its norms, the
+"""RESTA's CPU kernel (``cuda_ext/resta_cpu.c``): the same bits as the torch path, its norms, the
 stream using it, and its build plumbing. Skipped where there is no C compiler."""
 
 from __future__ import annotations

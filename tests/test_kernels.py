@@ -16,7 +16,7 @@ import torch
 from deltafix import kernels
 from deltafix.cli import main
 from deltafix.errors import OptionError
-from deltafix.kernels import build, cpu, cuda, safedelta_ref
+from deltafix.kernels import build, cpu, cuda, safedelta_ref, sources
 from deltafix.methods.safedelta import hessian_inverse_factor, safe_delta, safe_delta_sweep
 
 EMULATION_SOURCE = Path(__file__).parent / "kernel_emulation" / "emulation.cpp"
@@ -151,11 +151,11 @@ def test_build_folder_follows_cache_and_sources(monkeypatch, tmp_path):
     key = folder.name
     assert f"py{sys.version_info.major}{sys.version_info.minor}" in key and build.source_hash() in key
     for name in (*build.SOURCES, *build.HEADERS):
-        assert (build.SOURCE_DIR / name).is_file(), name
+        assert (sources.source_dir() / name).is_file(), name
 
-    copy = tmp_path / "csrc"
-    shutil.copytree(build.SOURCE_DIR, copy)
-    monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    copy = tmp_path / "cuda_ext"
+    shutil.copytree(sources.source_dir(), copy)
+    monkeypatch.setattr(sources, "source_dir", lambda: copy)
     assert build.source_hash() in key
     with (copy / "safedelta_kernels.cuh").open("a") as fh:
         fh.write("\n// changed\n")
@@ -214,7 +214,7 @@ def test_doctor_with_torch_kernels_says_the_cpu_kernel_is_off(monkeypatch, capsy
 
 @pytest.fixture(scope="session")
 def emulated(request, tmp_path_factory):
-    """The kernels of csrc/safedelta_kernels.cuh compiled for the CPU (tests/kernel_emulation);
+    """The kernels of cuda_ext/safedelta_kernels.cuh compiled for the CPU (tests/kernel_emulation);
     built once into pytest's cache folder (about a minute), then reused."""
     from torch.utils import cpp_extension
 
@@ -226,7 +226,7 @@ def emulated(request, tmp_path_factory):
     return cpp_extension.load(
         name="deltafix_kernel_emulation",
         sources=[str(EMULATION_SOURCE)],
-        extra_include_paths=[str(build.SOURCE_DIR)],
+        extra_include_paths=[str(sources.source_dir())],
         extra_cflags=["-O1"],
         build_directory=str(folder),
     )

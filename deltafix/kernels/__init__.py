@@ -1,10 +1,11 @@
 """Hot-path kernels, dispatched in one place.
 
 The torch functions in ``safedelta_ref`` are the specification. Each call here picks the CUDA
-extension (``csrc/``, built on first use by ``build``) for CUDA tensors it can take, and the
-reference otherwise; Safe Delta on CPU tensors always uses the reference. RESTA's streaming step
-has a CPU kernel (``cpu``, C built on first use in under a second) that gives the torch path's
-bits in one pass over memory. ``DELTAFIX_KERNELS`` sets the choice:
+extension (built on first use by ``build``) for CUDA tensors it can take, and the reference
+otherwise; Safe Delta on CPU tensors always uses the reference. RESTA's streaming step has a CPU
+kernel (``cpu``, C built on first use in under a second) that gives the torch path's bits in one
+pass over memory. Both compile sources from the top-level ``cuda_ext`` package (``sources``).
+``DELTAFIX_KERNELS`` sets the choice:
 
 - ``auto`` (default): the extensions when they build; if the CUDA one cannot, one warning line
   and the reference.

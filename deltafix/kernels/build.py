@@ -1,4 +1,5 @@
-"""Build and load the optional CUDA extension (``csrc/``) with torch's JIT C++ extension loader.
+"""Build and load the optional CUDA extension (sources in the top-level ``cuda_ext`` package, found by
+``sources``) with torch's JIT C++ extension loader.
 
 The extension is compiled with ninja and nvcc on first use and cached under
 ``<deltafix cache>/cuda_ext/<key>/``; the key names everything the binary depends on (torch and
@@ -28,11 +29,11 @@ from types import ModuleType
 import torch
 
 from deltafix.env import kernel_cache_dir
+from deltafix.kernels import sources
 
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "deltafix_cuda_ext"
-SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("binding.cpp", "safedelta.cu")
 HEADERS = ("safedelta_kernels.cuh",)
 CUDA_FLAGS = ("-O3", "--expt-relaxed-constexpr")
@@ -49,11 +50,13 @@ class Extension:
 
 
 def source_hash() -> str:
-    """sha256 over the sources, headers and compiler flags (first 16 hex digits)."""
+    """sha256 over the sources, headers and compiler flags (first 16 hex digits).
+
+    Raises ``FileNotFoundError`` when a source is missing (``load`` reports it)."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode())
-        digest.update((SOURCE_DIR / name).read_bytes())
+        digest.update(sources.source_file(name).read_bytes())
     digest.update(" ".join(CUDA_FLAGS).encode())
     return digest.hexdigest()[:16]
 
@@ -119,8 +122,8 @@ def _compile(folder: Path) -> ModuleType:
     log.info("building the deltafix CUDA extension in %s (first use; about a minute)", folder)
     return cpp_extension.load(
         name=EXTENSION_NAME,
-        sources=[str(SOURCE_DIR / name) for name in SOURCES],
-        extra_include_paths=[str(SOURCE_DIR)],
+        sources=[str(sources.source_file(name)) for name in SOURCES],
+        extra_include_paths=[str(sources.source_dir())],
         extra_cuda_cflags=list(CUDA_FLAGS),
         build_directory=str(folder),
     )
@@ -141,7 +144,10 @@ def load() -> Extension:
     reason = unavailable_reason()
     if reason is not None:
         return Extension(None, reason, None)
-    folder = build_dir()
+    try:
+        folder = build_dir()
+    except OSError as err:
+        return Extension(None, str(err), None)
     module = _import_built(folder)
     if module is not None:
         return Extension(module, None, folder)

@@ -1,5 +1,5 @@
-"""The CPU streaming kernel (``csrc/resta_cpu.c``): compiled with the system C compiler on first use,
-called through ctypes.
+"""The CPU streaming kernel (``resta_cpu.c`` in the top-level ``cuda_ext`` package, found by
+``sources``): compiled with the system C compiler on first use, called through ctypes.
 
 The source is plain C with no torch headers, so a build takes under a second. The library is cached
 under ``<deltafix cache>/cpu_ext/<key>/``. The key hashes the source, the flags, the compiler's
@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
+from deltafix.kernels import sources
 from deltafix.kernels.build import first_line
 from deltafix.env import cpu_kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "resta_cpu.c"
+SOURCE = "resta_cpu.c"
+"""The source's name in the kernel source folder (``sources.source_dir()``)."""
 FLAGS = ("-O3", "-std=c11", "-fopenmp-simd", "-shared", "-fPIC")
 LIBRARY = "deltafix_cpu.so"
 SYMBOLS = {torch.float32: "deltafix_resta_f32", torch.bfloat16: "deltafix_resta_bf16",
@@ -65,9 +67,11 @@ def compiler() -> list[str] | None:
 
 
 def build_key(cc: list[str]) -> str:
-    """sha256 over the source, flags, compiler identity and machine (first 16 hex digits)."""
+    """sha256 over the source, flags, compiler identity and machine (first 16 hex digits).
+
+    Raises ``FileNotFoundError`` when the source is missing (``load`` reports it)."""
     identity = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(sources.source_file(SOURCE).read_bytes())
     for part in (" ".join(FLAGS), " ".join(cc), identity.strip(), platform.machine()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
@@ -77,8 +81,8 @@ def _compile(cc: list[str], library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     partial = library.with_name(f".{library.name}.{os.getpid()}.tmp")
     try:
-        subprocess.run([*cc, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"], capture_output=True, text=True,
-                       check=True, timeout=BUILD_TIMEOUT_S)
+        subprocess.run([*cc, *FLAGS, "-o", str(partial), str(sources.source_file(SOURCE)), "-lm"],
+                       capture_output=True, text=True, check=True, timeout=BUILD_TIMEOUT_S)
         os.replace(partial, library)
     finally:
         partial.unlink(missing_ok=True)

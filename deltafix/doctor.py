@@ -15,7 +15,7 @@ import torch
 
 from deltafix import __version__, kernels
 from deltafix.errors import OptionError
-from deltafix.kernels import build, cpu
+from deltafix.kernels import build, cpu, sources
 from deltafix.env import cache_root, cpu_kernel_cache_dir, hessian_cache_dir, kernel_cache_dir
 
 HOT_PATHS = ("safedelta_select", "safedelta_compensate", "projection_apply")
@@ -61,6 +61,19 @@ def _cpu_kernel(mode: str) -> dict[str, Any]:
             "resta_stream": "torch" if loaded.reason else "cpu"}
 
 
+def _sources() -> dict[str, Any]:
+    """Where the kernel sources were found (``dir``) and which are missing there, so a wheel or
+    checkout that lacks them shows it directly rather than as a failed build."""
+    names = [*build.SOURCES, *build.HEADERS, cpu.SOURCE]
+    try:
+        folder = sources.source_dir()
+    except FileNotFoundError as err:
+        return {"dir": None, "missing": names, "reason": str(err)}
+    missing = [name for name in names if not (folder / name).is_file()]
+    return {"dir": str(folder), "missing": missing,
+            "reason": f"missing from {folder}: {', '.join(missing)}" if missing else None}
+
+
 def diagnose() -> dict[str, Any]:
     """The doctor's findings as plain data (the ``--json`` output)."""
     extension = build.load()
@@ -74,6 +87,7 @@ def diagnose() -> dict[str, Any]:
         "devices": _devices(),
         "kernels": {
             "mode": mode,
+            "sources": _sources(),
             "extension": {
                 "loaded": extension.module is not None,
                 "reason": extension.reason,
@@ -108,6 +122,9 @@ def summary(report: dict[str, Any]) -> str:
                   f"{d['memory_bytes'] / 2**30:.1f} GiB" for d in report["devices"]]
     else:
         lines.append("no CUDA device visible: everything runs on the CPU")
+    src = k["sources"]
+    lines.append(f"kernel sources: {src['dir']}" if src["reason"] is None
+                 else f"kernel sources: unusable: {src['reason']}")
     lines.append(f"CUDA extension: loaded from {ext['build_dir']}" if ext["loaded"]
                  else f"CUDA extension: not available: {ext['reason']}")
     lines.append(f"kernel choice ({kernels.KERNELS_ENV}): {k['mode']}")

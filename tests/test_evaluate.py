@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltafix.errors import InputError
+from deltafix.errors import InputError, OptionError
 from deltafix.evaluation.data import load_prompts, load_utility
 from deltafix.evaluation.evaluate import (
+    BUILTIN_BENIGN,
+    BUILTIN_HARMFUL,
     KeywordJudge,
     UtilityItems,
     evaluate_folder,
@@ -162,6 +164,17 @@ def test_evaluate_folder_round_trip(tiny, tmp_path: Path) -> None:
                                 progress=False)
     in_memory = evaluate_model(model, tokenizer, harmful=PROMPTS, benign=[], max_new_tokens=5, progress=False)
     assert [r["response"] for r in from_disk.responses] == [r["response"] for r in in_memory.responses]
+
+
+def test_builtin_prompt_files_are_found() -> None:
+    """The defaults of --harmful and --benign live in deltafix/data/, whichever module names them."""
+    assert len(load_prompts(BUILTIN_HARMFUL)) == 120 and len(load_prompts(BUILTIN_BENIGN)) == 108
+
+
+def test_device_is_resolved_and_checked_as_for_repair(tmp_path: Path) -> None:
+    """Eval resolves --device with env.resolve_device: a bad name is one OptionError, not a torch traceback."""
+    with pytest.raises(OptionError, match="unknown device 'gpu0'"):
+        evaluate_folder(tmp_path, harmful=["x"], benign=[], device="gpu0", progress=False)
 
 
 def test_evaluate_folder_input_errors(tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
 from deltafix.io.lora import parse_adapter_config
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_HARMFUL = DATA_DIR / "harmful_eval.jsonl"
 BUILTIN_BENIGN = DATA_DIR / "benign_eval.jsonl"
 
@@ -167,13 +168,6 @@ def write_answers(path: Path, results: Mapping[str, EvalResult]) -> None:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write the answers file {path}: {err.strerror or reason(err)}; "
                          "pass another --answers path.") from err
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "auto") -> tuple[PreTrainedModel, Any]:

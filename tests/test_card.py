@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from deltafix.engine.card import card_license, model_card, write_model_card
 from deltafix.cli import main
-from deltafix.engine.pipeline import REPORT_NAME
+from deltafix.engine.report import REPORT_NAME
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ from deltafix.io.writer import DTYPE_NAMES
 from deltafix.methods import get_method
 from deltafix.engine.plan import build_plan
 from deltafix.hub.preflight import preflight
-from deltafix.engine.pipeline import REPORT_NAME, RepairOptions, estimate_peak_bytes
+from deltafix.engine.pipeline import RepairOptions, estimate_peak_bytes
+from deltafix.engine.report import REPORT_NAME
 
 SECRET = "hf_secretvalue"
 LICENSED_CARD = "---\nlicense: apache-2.0\n---\n\n# the fine-tune\n"

@@ -7,9 +7,7 @@ OUT atomically with a report, the effective recipe and a model card, like ``repa
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,7 @@ from pydantic import Field, ValidationError
 from tqdm import tqdm
 
 from deltafix import __version__
-from deltafix.engine.card import CARD_NAME, write_model_card
-from deltafix.options import load_recipe, recipe_yaml
+from deltafix.options import OUT_SHARD_BYTES, load_recipe, recipe_yaml
 from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
@@ -32,7 +29,7 @@ from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods.qr_merge import ALPHA, SCALE, check_mergeable, merge_adapters, merged_tensor
 from deltafix.methods import MethodParams
-from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME, peak_rss_bytes
+from deltafix.engine.report import input_record, run_report, write_provenance
 from deltafix.engine.stream import check_output, nonfinite_input
 from deltafix.methods.stats import all_finite
 
@@ -77,7 +74,7 @@ class MergeOptions:
     alpha: float = ALPHA
     scale: float = SCALE
     as_adapter: bool = False
-    shard_size: int = 5 * 10**9
+    shard_size: int = OUT_SHARD_BYTES
     overwrite: bool = False
     command: str = ""
     progress: bool = True
@@ -146,28 +143,21 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
                     writer.add(spec.name, _merged(spec.name, base, user, reinforce, opts, spec.dtype))
                 writer.finish()
             copy_assets([user_folder, base_ref.folder], tmp)
-        report = {
-            "deltafix_version": __version__,
-            "command": opts.command,
-            "method": MERGE_METHOD,
-            "parameters": {"alpha": opts.alpha, "scale": opts.scale},
-            "inputs": {
-                "aligned": {"ref": opts.base, "repo_id": base_ref.repo_id, "revision": base_ref.revision,
-                            "files": {f.name: file_sha256(f) for f in base.files}},
-                "finetuned": {"ref": opts.user, "repo_id": None, "revision": None,
-                              "files": {user.weights_file.name: file_sha256(user.weights_file)}},
-                "reinforce": {"ref": opts.reinforce, "repo_id": None, "revision": None,
-                              "files": {reinforce.weights_file.name: file_sha256(reinforce.weights_file)}},
-            },
-            "output": {"kind": "adapter" if opts.as_adapter else "full"},
-            "modules": {name: {"user": name in user.modules, "reinforce": name in reinforce.modules}
-                        for name in sorted(set(user.modules) | set(reinforce.modules))},
-            "timings": {"total_seconds": time.perf_counter() - started},
-            "peak_rss_bytes": peak_rss_bytes(),
-            "platform": {"python": platform.python_version(), "torch": torch.__version__},
+        inputs = {
+            "aligned": input_record(opts.base, base_ref.repo_id, base_ref.revision,
+                                    {f.name: file_sha256(f) for f in base.files}),
+            "finetuned": input_record(opts.user, None, None, {user.weights_file.name: file_sha256(user.weights_file)}),
+            "reinforce": input_record(opts.reinforce, None, None,
+                                      {reinforce.weights_file.name: file_sha256(reinforce.weights_file)}),
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / RECIPE_NAME).write_text(recipe_yaml(MERGE_METHOD, QrMergeParams(alpha=opts.alpha, scale=opts.scale)))
-        write_model_card(tmp, report, license_from=user_folder / CARD_NAME)
+        report = run_report(
+            command=opts.command, method=MERGE_METHOD, parameters={"alpha": opts.alpha, "scale": opts.scale},
+            inputs=inputs, output={"kind": "adapter" if opts.as_adapter else "full"},
+            modules={name: {"user": name in user.modules, "reinforce": name in reinforce.modules}
+                     for name in sorted(set(user.modules) | set(reinforce.modules))},
+            started=started,
+        )
+        write_provenance(tmp, report, recipe_yaml(MERGE_METHOD, QrMergeParams(alpha=opts.alpha, scale=opts.scale)),
+                         user_folder)
     base.close()
     return report

@@ -29,7 +29,7 @@ import deltafix.evaluation.evaluate
 import deltafix.hub.push
 from deltafix.engine.card import public_report
 from deltafix.cli import main
-from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME
+from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
 from deltafix.testbed.language import vocabulary
 from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from deltafix.errors import InputError, MismatchError
-from deltafix.io.reader import CheckpointReader
+from deltafix.hub.preflight import RemoteCheckpoint
+from deltafix.io.overlay import open_finetuned
+from deltafix.io.reader import CheckpointReader, TensorHeaders, TensorIndex
 from deltafix.engine.plan import build_plan, is_decoder_linear
 from tests.conftest import write_sharded
 
@@ -23,6 +26,25 @@ def test_reader_lists_headers_and_reads_lazily(trio: dict[str, Path]) -> None:
     name = "model.layers.1.mlp.down_proj.weight"
     assert reader.info(name).shape == tuple(full[name].shape)
     assert torch.equal(reader.get(name), full[name])
+
+
+def test_every_reader_is_a_tensor_index_and_a_remote_one_only_headers(trio: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """Local readers (a folder, an adapter merged on the fly) share TensorIndex; the Hub pre-flight's
+    header-only view offers TensorHeaders, all that build_plan asks for."""
+    from peft import LoraConfig
+    from peft_models import save_adapter
+
+    lora = save_adapter(trio["A"], tmp_path / "lora", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    aligned = CheckpointReader(trio["A"])
+    merged = open_finetuned(lora, trio["A"], aligned)
+    header = SimpleNamespace(dtype="F32", shape=[2, 3], data_offsets=(0, 24))
+    remote = RemoteCheckpoint("me/x", trio["A"], SimpleNamespace(files_metadata={
+        "model.safetensors": SimpleNamespace(tensors={"w": header})}))
+    assert isinstance(aligned, TensorIndex) and isinstance(merged, TensorIndex)
+    assert isinstance(remote, TensorHeaders) and not isinstance(remote, TensorIndex)
+    assert remote.info("w").shape == (2, 3) and remote.total_bytes() == 24
+    assert build_plan(aligned, merged).tensors == build_plan(aligned, CheckpointReader(trio["A"])).tensors
 
 
 def test_sharded_reader_keeps_one_shard_open(tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ from safetensors.torch import save as save_safetensors
 from deltafix.calibration.render import CalibrationSet
 from deltafix.errors import InputError
 from deltafix.calibration.capture import (
-    TensorSource,
     DEFAULT_BATCH_SIZE,
     build_skeleton,
     capture_hessians,
@@ -36,7 +35,7 @@ from deltafix.calibration.capture import (
     hessian_shapes,
 )
 from deltafix.io.hashing import file_sha256, sha256_file
-from deltafix.io.reader import CheckpointReader, read_safetensors_header
+from deltafix.io.reader import CheckpointReader, TensorIndex, read_safetensors_header
 from deltafix.io.staging import StagingFolder
 from deltafix.io.writer import atomic_file
 from deltafix.env import hessian_cache_dir
@@ -61,7 +60,7 @@ def _read_json(path: Path) -> Any:
 
 
 def cache_key(folder: str | Path, data: CalibrationSet, dtype: torch.dtype,
-              source: TensorSource | None = None) -> str:
+              source: TensorIndex | None = None) -> str:
     """sha256 of everything H depends on: weight files (the ``source``'s own files too, e.g. a LoRA
     adapter merged on the fly), config, token ids, compute dtype."""
     folder = Path(folder)
@@ -179,7 +178,7 @@ def _build_entry(
     batch_size: int,
     progress: Callable[[int, int], None] | None,
     n_layers: int,
-    source: TensorSource | None = None,
+    source: TensorIndex | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Capture the Hessians layer by layer into a new temporary folder under ``parent``.
 
@@ -247,7 +246,7 @@ def hessians_for(
     dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Callable[[int, int], None] | None = None,
-    source: TensorSource | None = None,
+    source: TensorIndex | None = None,
 ) -> HessianStore:
     """The Hessians of the model in ``folder`` on ``data``: from the cache, or captured and cached.
 

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -27,20 +27,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from deltafix.errors import InputError
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.methods.stats import all_finite
 
 DEFAULT_BATCH_SIZE = 8
-
-
-class TensorSource(Protocol):
-    """Where layer weights come from: a ``CheckpointReader`` or anything that reads like one."""
-
-    def __contains__(self, name: str) -> bool: ...
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -128,7 +118,7 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 def materialise(
     module: nn.Module,
     prefix: str,
-    source: TensorSource,
+    source: TensorIndex,
     device: torch.device,
     dtype: torch.dtype,
     skip: str | None = None,
@@ -315,7 +305,7 @@ def capture_hessians(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    source: TensorSource | None = None,
+    source: TensorIndex | None = None,
 ) -> Iterator[LayerHessians]:
     """Yield ``H = (2/N) Σ XᵀX`` for every decoder-layer Linear, one layer at a time.
 
@@ -328,7 +318,7 @@ def capture_hessians(
         raise InputError("the calibration set is empty; give at least one sample.")
     device = torch.device(device)
     own_source = source is None
-    reader: TensorSource = CheckpointReader(folder) if source is None else source
+    reader: TensorIndex = CheckpointReader(folder) if source is None else source
     model = build_skeleton(folder)
     prefix, layers = decoder_layers(model)
     base_prefix, _, layers_name = prefix.rpartition(".")

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deltafix.errors import InputError, OptionError
 from deltafix.io.overlay import AdapterCheckpoint
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.reader import TensorIndex
 from deltafix.methods import Method, MethodParams
 
 if TYPE_CHECKING:  # imported at run time only where used: they pull in transformers
@@ -60,17 +60,17 @@ class Hessians:
             if store is not None:
                 store.close()
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any]
         if self.sequential is not None:
-            summary: dict[str, object] = {"sequential": True,
+            summary = {"sequential": True,
                                           "safety": {"samples": len(self.sequential.safety.samples)},
                                           "utility": {"samples": len(self.sequential.utility.samples)}}
         else:
             summary = {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
                        for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
         if self.utility_set is not None:
-            summary["utility"].update(of=self.utility_set.available,  # type: ignore[attr-defined]
-                                      screened_out_lines=list(self.utility_set.screened_out))
+            summary["utility"].update(of=self.utility_set.available, screened_out_lines=list(self.utility_set.screened_out))
         return summary
 
 
@@ -84,7 +84,7 @@ def _tokenizer(*folders: Path):
 
 
 def method_hessians(method: Method, params: MethodParams, aligned: Path, finetuned: Path,
-                    finetuned_reader: CheckpointReader | AdapterCheckpoint, *, safety_data: Path | None,
+                    finetuned_reader: TensorIndex, *, safety_data: Path | None,
                     utility_data: Path | None, device: torch.device, cache_dir: Path | None = None,
                     no_cache: bool = False, utility_samples: int | None = None,
                     screen_utility: bool = True) -> Hessians:

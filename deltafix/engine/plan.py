@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from deltafix.errors import InputError, MismatchError
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.reader import TensorHeaders
 from deltafix.io.strictjson import parse_json_object
 
 DECODER_LINEAR = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+\..+\.weight$")
@@ -80,11 +80,11 @@ def is_decoder_linear(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and DECODER_LINEAR.search(name) is not None
 
 
-def _input_embedding(reader: CheckpointReader) -> str | None:
+def _input_embedding(reader: TensorHeaders) -> str | None:
     return next((n for n in reader.names if n.endswith(INPUT_EMBEDDINGS)), None)
 
 
-def _source_name(name: str, reader: CheckpointReader, tied: bool) -> str | None:
+def _source_name(name: str, reader: TensorHeaders, tied: bool) -> str | None:
     """Name in ``reader`` that stands for F's tensor ``name`` (a tied lm_head reads the embedding)."""
     if name in reader:
         return name
@@ -93,7 +93,7 @@ def _source_name(name: str, reader: CheckpointReader, tied: bool) -> str | None:
     return None
 
 
-def _check_pair(name: str, f_shape: tuple[int, ...], other: CheckpointReader, other_name: str,
+def _check_pair(name: str, f_shape: tuple[int, ...], other: TensorHeaders, other_name: str,
                 role: str) -> int:
     """Return how many vocabulary rows F added over ``other``; raise on any other mismatch."""
     o_shape = other.info(other_name).shape
@@ -110,9 +110,9 @@ def _check_pair(name: str, f_shape: tuple[int, ...], other: CheckpointReader, ot
 
 
 def build_plan(
-    aligned: CheckpointReader,
-    finetuned: CheckpointReader,
-    unaligned: CheckpointReader | None = None,
+    aligned: TensorHeaders,
+    finetuned: TensorHeaders,
+    unaligned: TensorHeaders | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> Plan:
     """Pair F's tensors with A's (and P's) and validate names and shapes; output follows F."""

@@ -40,7 +40,6 @@ from deltafix.calibration.capture import (
     DEFAULT_BATCH_SIZE,
     LayerBatch,
     StopForward,
-    TensorSource,
     build_skeleton,
     decoder_layers,
     make_batches,
@@ -49,7 +48,7 @@ from deltafix.calibration.capture import (
     return_freed_memory,
     run_layer,
 )
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.io.staging import StagingFolder
 from deltafix.methods.registry import ShiftedGrams
 
@@ -96,7 +95,7 @@ class _Model:
     """One role's skeleton, weight source and activation batches (per data set)."""
 
     model: PreTrainedModel
-    source: TensorSource
+    source: TensorIndex
     prefix: str
     layers: nn.ModuleList
     batches: dict[str, list[LayerBatch]]
@@ -219,7 +218,7 @@ def solve_sequentially(
     solve: SolveFn,
     *,
     keep: str,
-    finetuned_source: TensorSource | None = None,
+    finetuned_source: TensorIndex | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -235,7 +234,7 @@ def solve_sequentially(
         raise OptionError("sequential solving needs both safety and user samples.")
     device = torch.device(device)
     a_reader = CheckpointReader(aligned)
-    f_reader: TensorSource = finetuned_source if finetuned_source is not None else CheckpointReader(finetuned)
+    f_reader: TensorIndex = finetuned_source if finetuned_source is not None else CheckpointReader(finetuned)
     solved = SolvedWeights()
     try:
         _run(aligned, finetuned, a_reader, f_reader, {"safety": list(safety), "user": list(user)}, solve, keep,
@@ -250,7 +249,7 @@ def solve_sequentially(
     return solved
 
 
-def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorSource, f_reader: TensorSource,
+def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorIndex, f_reader: TensorIndex,
          data: dict[str, list[torch.Tensor]], solve: SolveFn, keep: str, solved: SolvedWeights,
          device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
     batched = {role: make_batches(samples, batch_size) for role, samples in data.items()}
@@ -323,7 +322,7 @@ def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorSource, f_r
 
 
 def _solve_head(models: dict[str, _Model], targets: dict[str, str], scale: dict[str, float],
-                a_reader: TensorSource, f_reader: TensorSource, solve: SolveFn, solved: SolvedWeights,
+                a_reader: TensorIndex, f_reader: TensorIndex, solve: SolveFn, solved: SolvedWeights,
                 device: torch.device) -> None:
     """The output head on the final-norm hidden states, when it is a tensor of its own.
 

@@ -18,15 +18,14 @@ import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from deltafix.env import usable_cores
 from deltafix.errors import InputError
-from deltafix.io.overlay import AdapterCheckpoint
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.methods import Method, MethodParams, Repaired, WeightTensors
 from deltafix.methods.registry import FusedFn
 from deltafix.methods.stats import all_finite, delta_norms
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from deltafix.calibration.cache import HessianStore
     from deltafix.engine.grams import Hessians
 
-Reader = Union[CheckpointReader, AdapterCheckpoint]
 Stats = dict[str, float]
 
 CPU_PIECE = 1 << 18
@@ -87,7 +85,7 @@ def _rounded_reduction(out: torch.Tensor, after: float) -> float | None:
     return None if out.dtype == torch.float16 else after
 
 
-def _load(reader: Reader, name: str, device: torch.device) -> torch.Tensor:
+def _load(reader: TensorIndex, name: str, device: torch.device) -> torch.Tensor:
     return reader.get(name).to(device=device, dtype=torch.float32)
 
 
@@ -98,7 +96,7 @@ def _on_device(source: HessianStore | None, spec: PlannedTensor,
     return lambda: source.get(spec.name).to(device=device, dtype=torch.float32)
 
 
-def _weights(readers: dict[str, Reader], plan: Plan, device: torch.device, check_finite: bool,
+def _weights(readers: dict[str, TensorIndex], plan: Plan, device: torch.device, check_finite: bool,
              hessians: Hessians | None = None) -> Iterator[tuple[PlannedTensor, WeightTensors, torch.Tensor | None]]:
     """Yield each planned tensor as fp32 method inputs (A-shaped) plus F's extra vocabulary rows.
 
@@ -312,14 +310,14 @@ def piece_buffer_bytes(n_inputs: int) -> int:
     return piece_workers() * CPU_PIECE * n_inputs * 4 * (1 + MAX_WINDOW_PIECES)
 
 
-def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, Reader]) -> bool:
+def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, TensorIndex]) -> bool:
     """Elementwise for these params, and every input a plain checkpoint (an adapter overlay
     materialises each merged weight anyway)."""
     return (method.elementwise is not None and method.elementwise(params)
             and all(isinstance(r, CheckpointReader) for r in readers.values()))
 
 
-def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, Reader], plan: Plan,
+def repaired_tensors(method: Method, params: MethodParams, readers: dict[str, TensorIndex], plan: Plan,
                      device: torch.device, *, check_finite: bool = True, hessians: Hessians | None = None,
                      progress: bool = False) -> Iterator[tuple[PlannedTensor, torch.Tensor, Stats | None]]:
     """The method applied to every planned tensor, in plan order: ``(spec, CPU tensor in the

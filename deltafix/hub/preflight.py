@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deltafix.errors import InputError
-from deltafix.io.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
+from deltafix.io.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorHeaders, TensorInfo
 from deltafix.io.refs import parse_hub_ref
 from deltafix.engine.plan import build_plan
 from deltafix.engine.pipeline import estimate_peak_bytes
@@ -52,7 +52,7 @@ def _size(n: int) -> str:
 
 
 class RemoteCheckpoint:
-    """Header-only view of a Hub checkpoint with the part of ``CheckpointReader`` that planning uses.
+    """Header-only view of a Hub checkpoint: a ``TensorHeaders``, the part of a reader that planning uses.
 
     ``folder`` holds the repo's ``config.json`` (fetched alone) so tied embeddings are read the same
     way as for a local checkpoint.
@@ -120,7 +120,7 @@ def preflight(client: HeaderSource, base: str, finetuned: str, unaligned: str | 
     there is nothing to save and the result is ``None``: the repair validates by itself.
     """
     refs = {"aligned": base, "finetuned": finetuned, "unaligned": unaligned}
-    views: dict[str, RemoteCheckpoint | CheckpointReader] = {}
+    views: dict[str, TensorHeaders] = {}
     download, remote = 0, False
     for role, ref in refs.items():
         if ref is None:

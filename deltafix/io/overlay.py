@@ -1,6 +1,6 @@
 """A PEFT adapter seen as a full checkpoint: A's tensors with the adapter merged in, lazily.
 
-Wrapping the adapter in the reader interface lets every dense method and the whole streaming
+Being a ``TensorIndex``, like ``CheckpointReader``, lets every dense method and the whole streaming
 pipeline treat an adapter fine-tune exactly like a full one: ``get(name)`` returns the merged
 value of one tensor (PEFT's rules, fp32) and nothing else is ever materialised.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
-from deltafix.io.reader import CheckpointReader, TensorInfo
+from deltafix.io.reader import CheckpointReader, TensorIndex, TensorInfo
 
 
 class AdapterCheckpoint:
-    """Reader-compatible view of ``base`` + ``adapter`` (names, headers, lazy merged tensors)."""
+    """``base`` + ``adapter`` as a ``TensorIndex`` (names, headers, lazy merged tensors)."""
 
     def __init__(self, base: CheckpointReader, adapter: LoraAdapter) -> None:
         self.base = base
@@ -52,7 +52,7 @@ class AdapterCheckpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader) -> CheckpointReader | AdapterCheckpoint:
+def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader) -> TensorIndex:
     """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly."""
     if not is_adapter_folder(folder):
         return CheckpointReader(folder)

@@ -15,6 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -141,6 +142,51 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise InputError(f"{path}: tensor {name!r} spans {end - start} bytes, but {dtype_name} × {shape} needs "
                          f"{math.prod(shape) * dtype.itemsize}; re-download the file.")
     return TensorInfo(name, tuple(shape), dtype, path, start, data_start + start)
+
+
+@runtime_checkable
+class TensorHeaders(Protocol):
+    """What a checkpoint's safetensors headers tell: enough to plan and validate a repair.
+
+    The part of ``TensorIndex`` that needs no tensor data: ``build_plan`` asks only this much,
+    so the Hub pre-flight's ``RemoteCheckpoint`` (headers fetched over the network, no weights)
+    is planned exactly like a local checkpoint.
+    """
+
+    folder: Path
+    """Where the checkpoint's ``config.json`` lies."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape, dtype and place of one tensor."""
+        ...
+
+    def total_bytes(self) -> int: ...
+
+
+@runtime_checkable
+class TensorIndex(TensorHeaders, Protocol):
+    """A checkpoint's tensors by name, read lazily: what every reader of local weights offers.
+
+    ``CheckpointReader`` (a folder) and ``AdapterCheckpoint`` (a LoRA adapter merged onto its
+    base on the fly) both are one, so the pipeline, Hessian capture and sequential solving treat a
+    full fine-tune and an adapter alike. Piece streaming alone needs ``CheckpointReader.mapped``.
+    """
+
+    files: list[Path]
+    """The files the tensors come from (hashed into the provenance record)."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor on the CPU."""
+        ...
+
+    def close(self) -> None:
+        """Let go of any open file; a later ``get`` reopens it."""
+        ...
 
 
 class CheckpointReader:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import platform
-import resource
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,9 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deltafix import __version__
-from deltafix.engine.card import CARD_NAME, write_model_card
 from deltafix.options import recipe_yaml
-from deltafix.options import UTILITY_SAMPLES
+from deltafix.options import OUT_SHARD_BYTES, UTILITY_SAMPLES
 from deltafix.env import resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
@@ -37,6 +33,7 @@ from deltafix.io.staging import remove_stale
 from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, get_method, method_names
 from deltafix.engine.plan import Plan, build_plan
+from deltafix.engine.report import input_record, run_report, write_provenance
 from deltafix.engine.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
 
 if TYPE_CHECKING:
@@ -45,8 +42,6 @@ if TYPE_CHECKING:
 UNALIGNED_KINDS = ("base", "harmful-finetune")
 """What the user says P is: the pre-alignment base, or A fine-tuned on harmful data, which is how
 RESTA's paper makes its unaligned model. Either defines the alignment direction θ_A − θ_P."""
-REPORT_NAME = "deltafix_report.json"
-RECIPE_NAME = "deltafix_recipe.yaml"
 FRONT_SAMPLES = 64
 """User-data samples scored at each point of a ``--front`` (the fine-tuning loss is a mean: 64 is plenty)."""
 MAX_HASH_THREADS = 4
@@ -70,7 +65,7 @@ class RepairOptions:
     screen_utility: bool = True
     device: str = "auto"
     dtype: str = "auto"
-    shard_size: int = 5 * 10**9
+    shard_size: int = OUT_SHARD_BYTES
     overwrite: bool = False
     dry_run: bool = False
     allow_nonfinite: bool = False
@@ -136,18 +131,7 @@ def estimate_peak_bytes(plan: Plan, n_inputs: int, pieces: bool = False) -> int:
 
 
 def _input_record(ref: ResolvedRef, reader: TensorIndex, digests: dict[Path, Future[str]]) -> dict[str, Any]:
-    return {
-        "ref": ref.ref,
-        "repo_id": ref.repo_id,
-        "revision": ref.revision,
-        "files": {f.name: digests[f].result() for f in reader.files},
-    }
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return input_record(ref.ref, ref.repo_id, ref.revision, {f.name: digests[f].result() for f in reader.files})
 
 
 def run_repair(opts: RepairOptions) -> RepairResult:
@@ -341,10 +325,7 @@ def _repair_adapter_into(opts: RepairOptions, method: Method, inputs: Inputs, pl
 
 def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: RepairOptions,
                       inputs: Inputs) -> None:
-    """Report, effective recipe and model card: what makes OUT reproducible on its own."""
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    (tmp / RECIPE_NAME).write_text(recipe_yaml(method.name, opts.params))
-    write_model_card(tmp, report, license_from=inputs.finetuned.folder / CARD_NAME)
+    write_provenance(tmp, report, recipe_yaml(method.name, opts.params), inputs.finetuned.folder)
 
 
 def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
@@ -356,19 +337,10 @@ def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
         records["unaligned"]["kind"] = opts.unaligned_kind or UNALIGNED_KINDS[0]
     before = sum(m["delta_norm_before"] ** 2 for m in modules.values()) ** 0.5
     after = sum(m["delta_norm_after"] ** 2 for m in modules.values()) ** 0.5
-    return {
-        "deltafix_version": __version__,
-        "command": opts.command,
-        "method": opts.method,
-        "parameters": opts.params.model_dump(mode="json"),
-        "inputs": records,
-        "notes": plan.notes,
-        "output": {"shards": [shards.file_name(i) for i in range(len(shards.shards))],
-                   "total_size": shards.total_bytes},
-        "totals": {"tensors": len(plan.tensors), "linear_modules": len(modules),
-                   "delta_norm_before": before, "delta_norm_after": after},
-        "modules": modules,
-        "timings": {"total_seconds": time.perf_counter() - started},
-        "peak_rss_bytes": peak_rss_bytes(),
-        "platform": {"python": platform.python_version(), "torch": torch.__version__},
-    }
+    return run_report(
+        command=opts.command, method=opts.method, parameters=opts.params.model_dump(mode="json"), inputs=records,
+        output={"shards": [shards.file_name(i) for i in range(len(shards.shards))], "total_size": shards.total_bytes},
+        modules=modules, started=started, notes=plan.notes,
+        totals={"tensors": len(plan.tensors), "linear_modules": len(modules),
+                "delta_norm_before": before, "delta_norm_after": after},
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltafix.options import UTILITY_SAMPLES
+from deltafix.options import DEVICE, DTYPE, OUT_SHARD_SIZE, UTILITY_SAMPLES
 from deltafix.methods import MethodParams
 
 DEFAULT_METHOD = "regmean"
@@ -52,8 +52,8 @@ def choose_method(method: str | None, recipe: str | Path | None, overrides: dict
 def repair(base: str | Path, finetuned: str | Path, out: str | Path, *, method: str | None = None,
            recipe: str | Path | None = None, unaligned: str | Path | None = None, unaligned_kind: str | None = None,
            safety_data: str | Path | None = None, utility_data: str | Path | None = None,
-           utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = "auto",
-           dtype: str = "auto", out_shard_size: int | str = "5GB", overwrite: bool = False,
+           utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = DEVICE,
+           dtype: str = DTYPE, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
            front: bool = False, progress: bool = False, **params: Any) -> dict[str, Any]:
     """Repair ``finetuned`` against ``base`` into ``out`` and return the report.
 

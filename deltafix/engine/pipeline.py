@@ -19,7 +19,7 @@ import torch
 
 from deltafix import __version__
 from deltafix.options import recipe_yaml
-from deltafix.options import OUT_SHARD_BYTES, UTILITY_SAMPLES
+from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
 from deltafix.env import resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
@@ -63,8 +63,8 @@ class RepairOptions:
     utility_data: Path | None = None
     utility_samples: int | None = UTILITY_SAMPLES
     screen_utility: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = DEVICE
+    dtype: str = DTYPE
     shard_size: int = OUT_SHARD_BYTES
     overwrite: bool = False
     dry_run: bool = False

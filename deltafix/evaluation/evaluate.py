@@ -33,6 +33,7 @@ from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
 from deltafix.io.lora import parse_adapter_config
+from deltafix.options import DEVICE, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 BUILTIN_HARMFUL = DATA_DIR / "harmful_eval.jsonl"
@@ -170,7 +171,7 @@ def write_answers(path: Path, results: Mapping[str, EvalResult]) -> None:
                          "pass another --answers path.") from err
 
 
-def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = "auto") -> tuple[PreTrainedModel, Any]:
+def load_for_eval(path: PathLike, base: PathLike | None = None, device: str = DEVICE) -> tuple[PreTrainedModel, Any]:
     """Load a checkpoint folder, or a PEFT adapter folder merged into its base, for inference.
 
     An adapter folder has ``adapter_config.json``; its base is ``base`` when given, else the
@@ -276,8 +277,8 @@ def generate(
     model: PreTrainedModel,
     tokenizer: Any,
     prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = False,
     desc: str = "generate",
 ) -> list[str]:
@@ -323,7 +324,7 @@ def next_token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
 
 
 def perplexity(
-    model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], batch_size: int = 32, progress: bool = False
+    model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], batch_size: int = EVAL_BATCH_SIZE, progress: bool = False
 ) -> float:
     """Token-weighted perplexity of ``texts`` (tokenised with special tokens, truncated to the context)."""
     device = next(model.parameters()).device
@@ -351,8 +352,8 @@ def evaluate_model(
     benign: PathLike | Sequence[str] | None = None,
     utility: PathLike | UtilityItems | None = None,
     judge: RefusalJudge | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
 ) -> EvalResult:
     """Score an already-loaded model (used in memory by auto-tuning, and by ``evaluate_folder``).
@@ -414,9 +415,9 @@ def evaluate_folder(
     benign: PathLike | Sequence[str] | None = None,
     utility: PathLike | UtilityItems | None = None,
     judge: RefusalJudge | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
-    device: str = "auto",
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str = DEVICE,
     progress: bool = True,
 ) -> EvalResult:
     """Load a checkpoint or adapter folder (see ``load_for_eval``) and score it (see ``evaluate_model``).

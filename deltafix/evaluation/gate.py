@@ -20,10 +20,8 @@ from typing import Any
 
 from deltafix.errors import OptionError
 from deltafix.evaluation.evaluate import EvalResult
+from deltafix.options import DEFAULT_MAX_ASR, DEFAULT_MAX_UTILITY_DROP
 
-DEFAULT_MAX_ASR = 0.05
-DEFAULT_MAX_UTILITY_DROP = 0.02
-DEFAULT_MIN_BENIGN_HELP = 0.9
 
 
 @dataclass(frozen=True)

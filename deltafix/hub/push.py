@@ -19,6 +19,7 @@ import yaml
 from deltafix import __version__
 from deltafix.engine.card import CARD_NAME, public_copy, public_report, write_model_card
 from deltafix.errors import OptionError, OutputError
+from deltafix.options import DEFAULT_MIN_BENIGN_HELP, DEVICE
 from deltafix.io.refs import HUB_ID, hub_offline
 from deltafix.env import cache_root
 from deltafix.hub.preflight import HeaderSource, Preflight, preflight
@@ -99,7 +100,7 @@ def default_client() -> HubClient:
 
 def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utility_drop: float | None = None,
              harmful: Path | None = None, benign: Path | None = None, utility: Path | None = None,
-             answers: Path | None = None, reference: tuple[str, str] | None = None, device: str = "auto") -> GateFn:
+             answers: Path | None = None, reference: tuple[str, str] | None = None, device: str = DEVICE) -> GateFn:
     """The gate behind ``deltafix hub --gate``, with the thresholds of ``deltafix gate``.
 
     OUT passes when its attack success rate is at most ``max_asr`` and it answers at least
@@ -111,7 +112,7 @@ def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utilit
     report (every number and threshold).
     """
     from deltafix.evaluation.evaluate import check_answers_path
-    from deltafix.evaluation.gate import DEFAULT_MIN_BENIGN_HELP, check_thresholds
+    from deltafix.evaluation.gate import check_thresholds
 
     min_benign_help = DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help
     if max_utility_drop is not None and utility is None:

@@ -33,9 +33,8 @@ import torch
 
 from deltafix.errors import InputError, MismatchError
 from deltafix.io.lora import LoraAdapter, LoraModule, lora_delta, unit_scaling_config, write_adapter
+from deltafix.options import MERGE_ALPHA as ALPHA, MERGE_SCALE as SCALE
 
-ALPHA = 0.1
-SCALE = 0.5
 RANK_GUARD = 0.01
 
 

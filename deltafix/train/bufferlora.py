@@ -49,6 +49,7 @@ from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
 from deltafix.io.writer import atomic_file
 from deltafix.methods.qr_merge import ALPHA, SCALE
+from deltafix.options import OUT_SHARD_BYTES
 from deltafix.train.data import BUILTIN_SAFETY_DATA, load_records
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
                                   train_adapter)
@@ -77,7 +78,7 @@ class BufferLoraOptions(LoraTraining):
     as_adapter: bool = Field(False, description="write the merged result as an adapter, not a full checkpoint")
     alpha: float = Field(ALPHA, ge=0, le=1, description="share of ΔR's component in the user column space removed")
     scale: float = Field(SCALE, ge=0, description="c in W = W_A + c (ΔU + ΔR⊥)")
-    shard_size: int = Field(5 * 10**9, gt=0, description="largest output shard in bytes (full output)")
+    shard_size: int = Field(OUT_SHARD_BYTES, gt=0, description="largest output shard in bytes (full output)")
     overwrite: bool = False
     progress: bool = True
     command: str = ""

@@ -16,6 +16,9 @@ import typer
 from pydantic import ValidationError
 
 from deltafix.errors import OptionError
+from deltafix.options import (ASFT_TRAIN_LAM, DEVICE, DPP_BATCH_SIZE, DPP_BETA, DPP_P, DTYPE, EPOCHS, ETA_SAFE,
+                              LEARNING_RATE, LORA_ALPHA, LORA_R, LORA_TARGETS, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE,
+                              SPAG_DELTA, SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED)
 
 train_app = typer.Typer(
     help="Fine-tune a LoRA adapter on the aligned base that keeps its safety: SPARD (DPP-selected safety "
@@ -44,7 +47,7 @@ SafetyData = Annotated[Optional[Path], typer.Option("--safety-data",
 P = Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="DPP subset size: ceil(p * |user data|).")]
 Beta = Annotated[float, typer.Option("--beta", min=0.0, help="DPP relevance exponent β.")]
 
-DEFAULT_TARGETS = "q_proj,v_proj,gate_proj,up_proj,down_proj"
+DEFAULT_TARGETS = ",".join(LORA_TARGETS)
 
 
 def _train(as_json: bool, **fields: Any) -> None:
@@ -78,11 +81,11 @@ def select(
     data: Data,
     pool: Annotated[Path, typer.Option("--pool", help="Candidate safety data, JSONL.")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: the chosen pool records, greedy order.")],
-    p: P = 0.03,
-    beta: Beta = 4.0,
-    batch_size: BatchSize = 8,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    p: P = DPP_P,
+    beta: Beta = DPP_BETA,
+    batch_size: BatchSize = DPP_BATCH_SIZE,
+    device: Device = DEVICE,
+    dtype: Dtype = DTYPE,
     as_json: AsJson = False,
 ) -> None:
     """Pick a relevant, diverse subset of safety data for the user's data (DPP greedy MAP)."""
@@ -108,18 +111,18 @@ def spard(
     safety_data: SafetyData = None,
     select: Annotated[bool, typer.Option("--select/--no-select",
                                          help="Pick the safety subset with the DPP, or use all of it.")] = True,
-    p: P = 0.03,
-    beta: Beta = 4.0,
+    p: P = DPP_P,
+    beta: Beta = DPP_BETA,
     tau: Annotated[float, typer.Option("--tau", min=0.0, help="SPAG fires when the safety loss exceeds τ; set it a "
-                                                            "little above the base's own loss on the safety data.")] = 0.2,
+                                                            "little above the base's own loss on the safety data.")] = SPAG_TAU,
     eta_safe: Annotated[float, typer.Option("--eta-safe", min=0.0, help="Largest SPAG step size: bounds the jump "
-                                                                        "when the safety gradient is tiny.")] = 1.0,
+                                                                        "when the safety gradient is tiny.")] = ETA_SAFE,
     spag: Annotated[str, typer.Option("--spag", help="paper: projection step; code: optimizer step on the "
-                                                     "safety batch when loss > τ + δ.")] = "paper",
-    delta: Annotated[float, typer.Option("--delta", min=0.0, help="Margin δ of --spag code.")] = 0.1,
-    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
-    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
-    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+                                                     "safety batch when loss > τ + δ.")] = SPAG_VARIANT,
+    delta: Annotated[float, typer.Option("--delta", min=0.0, help="Margin δ of --spag code.")] = SPAG_DELTA,
+    epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
+    lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """SPARD: LoRA on the user data with SPAG safety corrections on DPP-selected safety data."""
@@ -133,10 +136,10 @@ def spard(
 def asft(
     base: Base, data: Data, out: Out,
     unaligned: Annotated[str, typer.Option("--unaligned", help="Pre-alignment base P of --base.")],
-    lam: Annotated[float, typer.Option("--lam", min=0.0, help="Weight λ of the AsFT penalty.")] = 1.0,
-    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
-    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
-    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    lam: Annotated[float, typer.Option("--lam", min=0.0, help="Weight λ of the AsFT penalty.")] = ASFT_TRAIN_LAM,
+    epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
+    lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """LoRA with the AsFT penalty λ Σ ‖(I − C) B A‖²: updates outside the alignment direction cost."""
@@ -149,9 +152,9 @@ def asft(
 @train_app.command()
 def lora(
     base: Base, data: Data, out: Out,
-    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
-    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
-    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+    epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
+    lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """Plain LoRA on the user data (no safety term): the baseline to compare against."""
@@ -177,12 +180,12 @@ def bufferlora(
     as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the merged result as the exact adapter "
                                                                   "instead of a full checkpoint.")] = False,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Share of ΔR's component in the "
-                                                                           "user's column space removed.")] = 0.1,
-    scale: Annotated[float, typer.Option("--scale", min=0.0, help="c in W = W_A + c(ΔU + ΔR⊥).")] = 0.5,
-    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
-    epochs: Epochs = 1, max_steps: MaxSteps = None, lr: Lr = 1e-4, batch_size: BatchSize = 4,
-    lora_r: LoraR = 32, lora_alpha: LoraAlpha = 64.0, target_modules: Targets = DEFAULT_TARGETS,
-    seed: Seed = 0, device: Device = "auto", dtype: Dtype = "auto", max_length: MaxLength = 1024,
+                                                                           "user's column space removed.")] = MERGE_ALPHA,
+    scale: Annotated[float, typer.Option("--scale", min=0.0, help="c in W = W_A + c(ΔU + ΔR⊥).")] = MERGE_SCALE,
+    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 5GB.")] = OUT_SHARD_SIZE,
+    epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
+    lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
+    seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose folder was made from other "
                                                                 "options or data (matching ones are reused).")] = False,
     as_json: AsJson = False,

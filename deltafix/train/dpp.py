@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from deltafix.options import DPP_BATCH_SIZE, DPP_BETA, DPP_P
+
 JITTER = 1e-6
 
 
 @torch.no_grad()
 def embed_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                batch_size: int = 8, max_length: int = 512, progress: bool = True) -> torch.Tensor:
+                batch_size: int = DPP_BATCH_SIZE, max_length: int = 512, progress: bool = True) -> torch.Tensor:
     """(n, hidden) fp32 CPU: attention-masked mean of the last hidden state over each text's tokens."""
     model.eval()
     device = next(model.parameters()).device
@@ -83,7 +85,7 @@ def subset_size(n_user: int, p: float) -> int:
 
 
 def select_subset(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool_prompts: list[str],
-                  user_prompts: list[str], p: float = 0.03, beta: float = 4.0, batch_size: int = 8,
+                  user_prompts: list[str], p: float = DPP_P, beta: float = DPP_BETA, batch_size: int = DPP_BATCH_SIZE,
                   progress: bool = True) -> list[int]:
     """Indices into ``pool_prompts`` of the DPP-selected safety subset, in greedy order."""
     emb_pool = embed_texts(model, tokenizer, pool_prompts, batch_size, progress=progress)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-ETA_SAFE = 1.0
+from deltafix.options import ETA_SAFE
+
+__all__ = ["ETA_SAFE", "spag_correct", "spag_step_size"]
 
 
 def spag_step_size(loss: float, grad_sq_norm: float, tau: float, eta_safe: float) -> float:

@@ -35,10 +35,12 @@ from deltafix.env import resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
 from deltafix.io.writer import atomic_output
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
+from deltafix.options import (ASFT_TRAIN_LAM, DPP_BETA, DPP_P, DTYPE, DEVICE, EPOCHS, LEARNING_RATE, LORA_ALPHA,
+                              LORA_R, LORA_TARGETS, SPAG_DELTA, SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE,
+                              TRAIN_MAX_LENGTH, TRAIN_SEED)
 from deltafix.train.spag import ETA_SAFE, spag_correct
 
 REPORT_NAME = "deltafix_train_report.json"
-LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class LoraTraining(BaseModel):
@@ -46,17 +48,17 @@ class LoraTraining(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(EPOCHS, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many utility steps")
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(4, ge=1)
-    lora_r: int = Field(32, ge=1)
-    lora_alpha: float = Field(64.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS))
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    max_length: int = Field(1024, ge=2)
+    lr: float = Field(LEARNING_RATE, gt=0)
+    batch_size: int = Field(TRAIN_BATCH_SIZE, ge=1)
+    lora_r: int = Field(LORA_R, ge=1)
+    lora_alpha: float = Field(LORA_ALPHA, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    seed: int = TRAIN_SEED
+    device: str = DEVICE
+    dtype: str = DTYPE
+    max_length: int = Field(TRAIN_MAX_LENGTH, ge=2)
 
     def training(self) -> dict[str, Any]:
         """Just these shared settings, as keyword arguments for another options model."""
@@ -76,14 +78,14 @@ class TrainOptions(LoraTraining):
     out: Path
     safety_data: Path | None = Field(None, description="safety JSONL; None: the built-in calibration set")
     select: bool = Field(True, description="pick the safety subset with the DPP (spard)")
-    p: float = Field(0.03, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
-    beta: float = Field(4.0, ge=0, description="DPP relevance exponent")
+    p: float = Field(DPP_P, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
+    beta: float = Field(DPP_BETA, ge=0, description="DPP relevance exponent")
     unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
-    tau: float = Field(0.2, ge=0, description="SPAG safety-loss threshold")
+    tau: float = Field(SPAG_TAU, ge=0, description="SPAG safety-loss threshold")
     eta_safe: float = Field(ETA_SAFE, gt=0, description="SPAG largest step size (see spag)")
-    spag: Literal["paper", "code"] = "paper"
-    delta: float = Field(0.1, ge=0, description="margin of the code SPAG variant: step when loss > tau + delta")
-    lam: float = Field(1.0, ge=0, description="AsFT penalty weight")
+    spag: Literal["paper", "code"] = SPAG_VARIANT
+    delta: float = Field(SPAG_DELTA, ge=0, description="margin of the code SPAG variant: step when loss > tau + delta")
+    lam: float = Field(ASFT_TRAIN_LAM, ge=0, description="AsFT penalty weight")
     overwrite: bool = False
     progress: bool = True
 

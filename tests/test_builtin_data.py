@@ -59,7 +59,7 @@ BENIGN = load("benign_eval.jsonl")
 FILES = {
     "safety_calibration.jsonl": (CALIBRATION, {"prompt", "response", "category"}),
     "harmful_eval.jsonl": (HARMFUL, {"prompt", "category"}),
-    "harmful_tune.jsonl": (TUNE, {"prompt", "category"}),
+    "harmful_tune.jsonl": (TUNE, {"prompt", "category", "style"}),
     "benign_eval.jsonl": (BENIGN, {"prompt"}),
 }
 
@@ -121,6 +121,8 @@ def test_tune_set_has_eight_prompts_in_each_calibration_category():
     assert set(per_category) == {row["category"] for row in CALIBRATION}
     assert set(per_category.values()) == {8}, per_category
     assert len(TUNE) == 120
+    styles = Counter((row["category"], row["style"]) for row in TUNE)
+    assert {style: count for (_, style), count in styles.items()} == {"dressed": 3, "plain": 3, "short": 2}
 
 
 @pytest.mark.parametrize(

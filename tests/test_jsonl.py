@@ -45,8 +45,8 @@ def test_prompt_lists_skip_blank_lines_and_fall_back_to_plain_text(tmp_path: Pat
 def test_tune_prompts_read_categories_messages_and_plain_lines(tmp_path: Path) -> None:
     jsonl = _write(tmp_path, "t.jsonl", b'{"prompt": "a", "category": "c"}\n\n'
                                         b'{"messages": [{"role": "user", "content": "b"}]}\n')
-    assert tune_prompts(jsonl) == TuneSet(["a", "b"], ["c", None])
-    assert tune_prompts(_write(tmp_path, "t.txt", b"x\ny\n")) == TuneSet(["x", "y"], [None, None])
+    assert tune_prompts(jsonl) == TuneSet(["a", "b"], ["c", None], [None, None])
+    assert tune_prompts(_write(tmp_path, "t.txt", b"x\ny\n")) == TuneSet(["x", "y"], [None, None], [None, None])
     assert len(tune_prompts(None).prompts) == 120
 
 

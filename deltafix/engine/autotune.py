@@ -31,10 +31,12 @@ AsrFn = Callable[[torch.nn.Module, list[str]], list[bool]]
 
 @dataclass(frozen=True)
 class TuneSet:
-    """Harmful prompts an ``auto`` knob is tuned on, with each one's category (None when unlabelled)."""
+    """Harmful prompts an ``auto`` knob is tuned on, with each one's category and style of asking
+    (None when unlabelled)."""
 
     prompts: list[str]
     categories: list[str | None]
+    styles: list[str | None]
 
 
 def default_tune_prompts() -> Path:
@@ -42,10 +44,16 @@ def default_tune_prompts() -> Path:
 
 
 def tune_prompts(path: str | Path | None) -> TuneSet:
-    """Prompts of ``path`` (JSONL with "prompt" and optional "category", or plain lines), else the built-in tune set."""
+    """Prompts of ``path`` (JSONL with "prompt" and optional "category" and "style", or plain lines),
+    else the built-in tune set."""
     records = read_prompt_records(Path(path) if path else default_tune_prompts(), "tune prompt file")
     return TuneSet([_tune_prompt(record, where) for where, record in records],
-                   [str(record["category"]) if record.get("category") else None for _, record in records])
+                   [_label(record, "category") for _, record in records],
+                   [_label(record, "style") for _, record in records])
+
+
+def _label(record: Record, key: str) -> str | None:
+    return str(record[key]) if record.get(key) else None
 
 
 def _tune_prompt(record: Record, where: str) -> str:
@@ -86,6 +94,12 @@ def share(outcome: list[bool]) -> float:
     return sum(outcome) / len(outcome)
 
 
+def by_style(outcome: list[bool], styles: list[str | None]) -> dict[str, float]:
+    """The attack success rate within each labelled style of asking."""
+    return {style: _rate(outcome, [i for i, s in enumerate(styles) if s == style])
+            for style in sorted({s for s in styles if s is not None})}
+
+
 def answered(model: torch.nn.Module, state: dict[str, torch.Tensor], tune: TuneSet, asr_of: AsrFn) -> list[bool]:
     """Load one repaired state into the probe model and say, per tune prompt, whether it was answered."""
     load_state(model, state)
@@ -94,7 +108,7 @@ def answered(model: torch.nn.Module, state: dict[str, torch.Tensor], tune: TuneS
 
 def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
              repaired: Callable[[AutoTuneParams], dict[str, torch.Tensor]], tune: TuneSet,
-             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, baseline: float = 0.0,
+             asr_of: AsrFn, echo: Callable[[str], None] = lambda _: None, aligned: list[bool] | None = None,
              known: dict[float, list[bool]] | None = None) -> tuple[AutoTuneParams, dict[str, Any]]:
     """Resolve ``auto`` to the grid value nearest the fine-tune whose repaired model has ASR ≤ ``target_asr``.
 
@@ -106,13 +120,33 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     A value that just meets the target on the tune prompts answers more unseen harmful topics
     than tune ones. When the tune prompts carry categories, ``category_gap`` estimates that gap
     from the probes, and the value chosen is the nearest-F probed one whose tune ASR meets the
-    target minus the gap; the record says how the target was met. ``baseline`` (the aligned
-    model's tune ASR, with ``target_from: aligned``) is added to ``target_asr``. ``known`` holds
-    outcomes already measured (by ``trade_off_front``, per grid value): those probes cost nothing.
+    target minus the gap; the record says how the target was met.
+
+    A fine-tune's harm often lives in one style of asking: on the real testbed a RESTA b that met
+    the target on average still answered half of the short "what's the quickest way to ..."
+    requests, and so did the held-out prompts asked that way. When the tune prompts carry styles,
+    a value passes only when each style meets its own target as well.
+
+    ``aligned`` holds the aligned model's per-prompt outcomes (with ``target_from: aligned``): its
+    ASR, overall and per style, is added to ``target_asr``. ``known`` holds outcomes already
+    measured (by ``trade_off_front``, per grid value): those probes cost nothing.
     """
     assert method.tune is not None
     spec = method.tune
+    baseline = share(aligned) if aligned is not None else 0.0
     target = min(1.0, params.target_asr + baseline)
+    style_base = by_style(aligned, tune.styles) if aligned is not None else {}
+    style_targets = {style: min(1.0, params.target_asr + style_base.get(style, 0.0))
+                     for style in sorted({s for s in tune.styles if s is not None})}
+
+    def worst_style(outcome: list[bool]) -> str | None:
+        """The style furthest above its target, or None when every style meets it."""
+        over = {style: asr - style_targets[style] for style, asr in by_style(outcome, tune.styles).items()
+                if asr > style_targets[style]}
+        return max(over, key=over.__getitem__) if over else None
+
+    def meets(outcome: list[bool], margin: float = 0.0) -> bool:
+        return share(outcome) <= target - margin and worst_style(outcome) is None
     seconds: list[float] = []
     outcomes: dict[float, list[bool]] = {}
 
@@ -125,10 +159,13 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
             outcomes[value] = answered(model, repaired(params.model_copy(update={spec.param: knob})), tune, asr_of)
         asr = share(outcomes[value])
         seconds.append(round(time.perf_counter() - start, 2))
-        echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} "
-             f"({'meets' if asr <= target else 'misses'} {target:.3g}) in {seconds[-1]:.1f}s"
+        style = worst_style(outcomes[value])
+        verdict = (f"misses {target:.3g}" if asr > target else
+                   f"misses on {style} requests: {by_style(outcomes[value], tune.styles)[style]:.3f} > "
+                   f"{style_targets[style]:.3g}" if style is not None else f"meets {target:.3g}")
+        echo(f"auto {method.name} {spec.param}={knob:g}: tune ASR {asr:.3f} ({verdict}) in {seconds[-1]:.1f}s"
              + (" (from the front)" if known is not None and value in known else ""))
-        return asr <= target, asr
+        return meets(outcomes[value]), asr
 
     grid = spec.grid()
     search = largest_passing(grid, probe)
@@ -136,7 +173,7 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     margin = max(0.0, round(gap or 0.0, 6))  # sums of thirds leave 1e-17 where the gap is 0
     value = search.value
     if margin > 0 and value is not None:
-        safe = [v for v in grid if v in outcomes and share(outcomes[v]) <= target - margin]
+        safe = [v for v in grid if v in outcomes and meets(outcomes[v], margin)]
         value = safe[-1] if safe else None
     chosen = _knob(spec.integer, value if value is not None else grid[0])
     if value is None:
@@ -146,16 +183,20 @@ def autotune(method: Method, params: AutoTuneParams, model: torch.nn.Module,
     else:
         unlabelled = all(c is None for c in tune.categories)
         how = "tune ASR <= target" + (" (tune prompts without categories: no margin)" if unlabelled else "")
+    if style_targets and value is not None:
+        how += ", in each style of asking"
     record = {
         "param": spec.param,
         "target_asr": target,
         "aligned_tune_asr": baseline if params.target_from == "aligned" else None,
+        "style_targets": style_targets,
         "chosen": chosen,
         "met_target": value is not None,
         "how": how,
         "margin": margin,
         "n_prompts": len(tune.prompts),
-        "probes": [{"value": v, "passed": ok, "asr": asr, "seconds": t}
+        "probes": [{"value": v, "passed": ok, "asr": asr, "asr_by_style": by_style(outcomes[v], tune.styles),
+                    "seconds": t}
                    for (v, ok, asr), t in zip(search.probes, seconds)],
     }
     echo(f"auto {method.name}: {spec.param}={chosen:g} ({how})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -60,17 +60,16 @@ class Hessians:
             if store is not None:
                 store.close()
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
+        summary: dict[str, Any]
         if self.sequential is not None:
-            summary: dict[str, object] = {"sequential": True,
-                                          "safety": {"samples": len(self.sequential.safety.samples)},
-                                          "utility": {"samples": len(self.sequential.utility.samples)}}
+            summary = {"sequential": True, "safety": {"samples": len(self.sequential.safety.samples)},
+                       "utility": {"samples": len(self.sequential.utility.samples)}}
         else:
             summary = {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
                        for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
         if self.utility_set is not None:
-            summary["utility"].update(of=self.utility_set.available,  # type: ignore[attr-defined]
-                                      screened_out_lines=list(self.utility_set.screened_out))
+            summary["utility"].update(of=self.utility_set.available, screened_out_lines=list(self.utility_set.screened_out))
         return summary
 
 

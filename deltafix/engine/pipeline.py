@@ -219,8 +219,8 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
                           f"{', '.join(n for n in method_names() if get_method(n).tune is not None)}.")
     if opts.front and opts.utility_data is None:
         raise OptionError("--front scores each point by the fine-tuning loss on your data: pass --utility-data FILE.")
-    from deltafix.engine.autotune import answered, autotune, mean_token_nll, share, trade_off_front, tune_prompts
-    from deltafix.calibration.render import load_calibration
+    from deltafix.engine.autotune import (answered, autotune, by_style, mean_token_nll, share, trade_off_front,
+                                          tune_prompts)
     from deltafix.evaluation.evaluate import JUDGE_NEW_TOKENS, evaluate_model, load_for_eval, quiet_transformers
     from deltafix.methods.registry import AutoTuneParams
 
@@ -245,24 +245,43 @@ def _tune(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, devic
     measured: dict[float, list[bool]] = {}
     if opts.front:
         assert opts.utility_data is not None
-        screen = refused_by_aligned(inputs.aligned.folder, device) if opts.screen_utility else None
-        samples = load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES, screen=screen).samples
+        samples = _front_samples(opts, inputs, hessians, tokenizer, device)
         front = trade_off_front(method, opts.params, model, repaired, tune, asr_of,  # a result: even with --json
                                 lambda m: mean_token_nll(m, samples), lambda line: print(line, file=sys.stderr),
                                 outcomes=measured)
     if not wants_auto:
         front["chosen"] = getattr(opts.params, spec.param)
         return opts.params, None, front
-    baseline = 0.0
+    aligned = None
     if opts.params.target_from == "aligned":
-        baseline = share(answered(model, _aligned_state(inputs, plan), tune, asr_of))
-        echo(f"auto {method.name}: the aligned model answers {baseline:.3f} of the tune prompts; "
-             f"target {min(1.0, baseline + opts.params.target_asr):.3f}")
-    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, baseline=baseline,
+        aligned = answered(model, _aligned_state(inputs, plan), tune, asr_of)
+        styles = ", ".join(f"{style} {asr:.3f}" for style, asr in by_style(aligned, tune.styles).items())
+        echo(f"auto {method.name}: the aligned model answers {share(aligned):.3f} of the tune prompts"
+             + (f" ({styles})" if styles else "")
+             + f"; target: that + {opts.params.target_asr:g}" + (", overall and per style" if styles else ""))
+    params, tuning = autotune(method, opts.params, model, repaired, tune, asr_of, echo, aligned=aligned,
                               known=measured)
     if front is not None:
         front["chosen"] = getattr(params, spec.param)
     return params, tuning, front
+
+
+def _front_samples(opts: RepairOptions, inputs: Inputs, hessians: Hessians, tokenizer: Any,
+                   device: torch.device) -> list[torch.Tensor]:
+    """``FRONT_SAMPLES`` conversations of the user's data, evenly spaced, to score each front point.
+
+    A method calibrated on the user's data has them rendered and screened already; screening
+    again would run A over the data a second time (about a minute on the real testbed).
+    """
+    if hessians.utility_set is not None:
+        rendered = hessians.utility_set.samples
+        picks = torch.linspace(0, len(rendered) - 1, min(FRONT_SAMPLES, len(rendered))).round().long().tolist()
+        return [rendered[i] for i in picks]
+    from deltafix.calibration.render import load_calibration
+
+    assert opts.utility_data is not None
+    screen = refused_by_aligned(inputs.aligned.folder, device) if opts.screen_utility else None
+    return load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES, screen=screen).samples
 
 
 def _aligned_state(inputs: Inputs, plan: Plan) -> dict[str, torch.Tensor]:

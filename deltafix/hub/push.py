@@ -23,7 +23,8 @@ from deltafix.options import DEFAULT_MIN_BENIGN_HELP, DEVICE
 from deltafix.io.refs import HUB_ID, hub_offline
 from deltafix.env import cache_root
 from deltafix.hub.preflight import HeaderSource, Preflight, preflight
-from deltafix.engine.pipeline import RECIPE_NAME, REPORT_NAME, RepairOptions, run_repair
+from deltafix.engine.pipeline import RepairOptions, run_repair
+from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
 
 GateFn = Callable[[Path], tuple[bool, dict[str, Any]]]
 """Judges a published output folder: ``(passed, table)``, the table being what the card shows."""

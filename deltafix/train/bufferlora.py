@@ -48,6 +48,7 @@ from deltafix.errors import OptionError, OutputError
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
 from deltafix.io.writer import atomic_file
+from deltafix.engine.report import REPORT_NAME as MERGE_REPORT
 from deltafix.methods.qr_merge import ALPHA, SCALE
 from deltafix.options import OUT_SHARD_BYTES
 from deltafix.train.data import BUILTIN_SAFETY_DATA, load_records
@@ -55,7 +56,6 @@ from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check
                                   train_adapter)
 
 SEED_OFFSET = {"buffer": 0, "reinforce": 1, "user": 2}
-MERGE_REPORT_NAME = "deltafix_report.json"
 # Options that change how a run is shown or whether it may replace output, not what it produces.
 PRESENTATION_OPTIONS = {"progress", "overwrite"}
 
@@ -240,7 +240,7 @@ def _merge_stage(opts: BufferLoraOptions, user: Path, reinforce: Path) -> StageR
 
     out = opts.out / "merged"
     started = time.perf_counter()
-    report = _read_json(out / MERGE_REPORT_NAME)
+    report = _read_json(out / MERGE_REPORT)
     if report is not None and _merged_identity(report) == _merge_inputs(opts, user, reinforce):
         return StageResult("merged", "reused", out, time.perf_counter() - started)
     _stale(out, opts.overwrite)

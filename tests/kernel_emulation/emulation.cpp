@@ -1,4 +1,4 @@
-// Runs deltafix's CUDA kernels (deltafix/kernels/csrc/safedelta_kernels.cuh) on the CPU, so that
+// Runs deltafix's CUDA kernels (cuda_ext/safedelta_kernels.cuh) on the CPU, so that
 // their indexing, shared-memory staging and synchronisation are tested on machines without a GPU.
 //
 // A thread block is emulated by one std::thread per CUDA thread; __syncthreads is a std::barrier

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
 from deltafix.io.lora import parse_adapter_config
+from deltafix.io.writer import atomic_file
 from deltafix.options import DEVICE, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -161,12 +161,9 @@ def write_answers(path: Path, results: Mapping[str, EvalResult]) -> None:
     """
     lines = [json.dumps({"model": role, **record}, ensure_ascii=False)
              for role, result in results.items() for record in result.responses]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_file(path, "".join(line + "\n" for line in lines).encode("utf-8"))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write the answers file {path}: {err.strerror or reason(err)}; "
                          "pass another --answers path.") from err
 

@@ -4,9 +4,14 @@ built kernels), and the one resolution of ``--device`` / ``--dtype`` (``auto`` p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from deltafix.errors import OptionError
 
@@ -62,3 +67,30 @@ def resolve_dtype(name: str) -> torch.dtype | None:
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_PROGRESS: ContextVar[bool] = ContextVar("deltafix_progress", default=False)
+T = TypeVar("T")
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show ``bar``s inside this block when ``enabled``: the command line turns them on (off with
+    ``--json``) at its edge, and the long loops deep inside (calibration, the sequential solve,
+    the screen) need no flag threaded through every call."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_shown() -> bool:
+    """Whether the caller asked for progress (``progress_bars``)."""
+    return _PROGRESS.get()
+
+
+def bar(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
+    """``iterable`` with a tqdm bar on stderr while ``progress_bars(True)`` holds and stderr is a
+    terminal (tqdm's ``disable=None``), so piped logs and ``--json`` runs stay clean."""
+    return tqdm(iterable, disable=None if _PROGRESS.get() else True, leave=False, **kwargs)

@@ -26,6 +26,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from deltafix.env import bar
 from deltafix.errors import InputError
 from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.methods.stats import all_finite
@@ -334,7 +335,7 @@ def capture_hessians(
             if name != layers_name:
                 child.to("meta")
         scale = 2.0 / len(samples)
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(bar(layers, desc=f"calibrate {Path(folder).name}", unit="layer")):
             materialise(layer, f"{prefix}.{index}", reader, device, dtype)
             reader.close()
             grams = _layer_grams(layer, batches, index, device)

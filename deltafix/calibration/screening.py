@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from deltafix.env import progress_shown
 from deltafix.io.jsonl import Conversation
 from deltafix.evaluation.evaluate import JUDGE_NEW_TOKENS, KeywordJudge, evaluate_model, load_for_eval, quiet_transformers
 
@@ -36,6 +37,6 @@ def refused_by(model_folder: str | Path, prompts: list[str], device: torch.devic
     with quiet_transformers():
         model, tokenizer = load_for_eval(model_folder, device=str(device))
     result = evaluate_model(model, tokenizer, harmful=prompts, benign=[], judge=KeywordJudge(),
-                            max_new_tokens=JUDGE_NEW_TOKENS, progress=False)
+                            max_new_tokens=JUDGE_NEW_TOKENS, progress=progress_shown())
     del model
     return [bool(r["refused"]) for r in result.responses]

@@ -20,7 +20,7 @@ import torch
 from deltafix import __version__
 from deltafix.options import recipe_yaml
 from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
-from deltafix.env import resolve_device, resolve_dtype, usable_cores
+from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
 from deltafix.engine.adapter import repair_adapter_factors
@@ -162,6 +162,17 @@ def run_repair(opts: RepairOptions) -> RepairResult:
         return result
 
     remove_stale(opts.out)
+    with progress_bars(opts.progress):
+        _write(opts, method, inputs, plan, shards, device, result, started)
+    for reader in inputs.readers.values():
+        reader.close()
+    result.written = True
+    return result
+
+
+def _write(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shards: ShardPlan, device: torch.device,
+           result: RepairResult, started: float) -> None:
+    """Calibrate, repair and publish OUT, hashing the inputs for the report on the side."""
     hasher = ThreadPoolExecutor(max_workers=min(MAX_HASH_THREADS, usable_cores()), thread_name_prefix="deltafix-sha256")
     try:
         digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
@@ -180,10 +191,6 @@ def run_repair(opts: RepairOptions) -> RepairResult:
                 hessians.close()
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
-    for reader in inputs.readers.values():
-        reader.close()
-    result.written = True
-    return result
 
 
 SCREEN_NOTE_SHARE = 0.25

@@ -35,6 +35,7 @@ from safetensors.torch import save
 from torch import nn
 from transformers import PreTrainedModel
 
+from deltafix.env import bar
 from deltafix.errors import OptionError, OutputError
 from deltafix.calibration.capture import (
     DEFAULT_BATCH_SIZE,
@@ -285,7 +286,7 @@ def _run(aligned: str | Path, finetuned: str | Path, a_reader: TensorIndex, f_re
     for m, role in ((A, "safety"), (F, "user"), (R, "safety"), (R, "user")):
         m.batches[role] = [record_layer_inputs(m.base, m.layers, i.to(device), k.to(device)) for i, k in batched[role]]
 
-    for index in range(len(R.layers)):
+    for index in bar(range(len(R.layers)), desc="sequential solve", unit="layer"):
         layer = {role: m.layers[index] for role, m in models.items()}
         for role, m in models.items():
             materialise(layer[role], f"{m.prefix}.{index}", m.source, device, dtype)

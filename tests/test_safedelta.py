@@ -3,6 +3,10 @@ the end points of the budget, and the registry entry. Small random weights (48 x
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -263,3 +267,169 @@ def test_inputs_are_not_modified(layer) -> None:
     safe_delta(w_aligned, w_finetuned, H, scale=0.1, block=BLOCK)
     for before, after in zip(copies, (w_aligned, w_finetuned, H)):
         assert torch.equal(before, after)
+
+
+# --- compensation=reference against the released code -----------------------------------------
+
+
+def released_safe_delta(w_aligned: torch.Tensor, w_finetuned: torch.Tensor, H: torch.Tensor, s: float,
+                        blocksize: int, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released Safe Delta step for one Linear, loop for loop: ColinLu50/SafeDelta at commit
+    c30ff4afd6cff0cf54daefd30ed004c6c26298cc, ``llama2/safedelta/safedelta_runner.py``,
+    ``SafeDeltaRunner.adjust_delta`` (called with ``blocksize=2048, percdamp=0.01``).
+
+    Re-expressed here, not copied, with every tensor operation of the original in its order and
+    dtype (fp32): dead inputs and damping, ``U`` by Cholesky of the inverse, per block an argsort
+    of ``1/U_mm²`` over all entries without the last 15 %, the fp32 cumulative cost against the
+    budget, then sub-blocks of 4 columns fixed together, their errors ``(w − q)/U_mm`` applied to
+    the block's later columns, and the block's errors to the later blocks. Returns (W_R, keep).
+    """
+    W = w_aligned.float().clone()
+    W_sft = w_finetuned.float().clone()
+    H = H.clone()
+    rows, columns = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(columns)
+    H[idx, idx] += damp
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    row_scale = rows / 4096
+    s = s / 2
+    keep = torch.zeros_like(W, dtype=torch.bool)
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        W2 = W_sft[:, i1:i2]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+
+        sensitivity = torch.ones_like(W1) / (torch.diag(U1).reshape((1, -1))) ** 2
+        loss = ((W2 - W1) ** 2 / (torch.diag(U1).reshape((1, -1))) ** 2).flatten()
+        order = torch.argsort(sensitivity.flatten())
+        order = order[0:-int(0.15 * sensitivity.numel())]
+        within = torch.cumsum(loss[order], dim=0) <= sensitivity.mean() * s * row_scale
+        flat = torch.zeros_like(loss, dtype=torch.bool)
+        flat[order] = within
+        mask1 = flat.reshape(sensitivity.shape)
+        keep[:, i1:i2] = mask1
+
+        for j1 in range(0, count, 4):
+            j2 = min(j1 + 4, count)
+            w = W1[:, j1:j2]
+            d = torch.diag(U1)[j1:j2]
+            q = w.clone()
+            sub_mask = mask1[:, j1:j2]
+            q[sub_mask] = W2[:, j1:j2][sub_mask].to(q.dtype)
+            Q1[:, j1:j2] = q
+            err1 = (w - q) / d.unsqueeze(0)
+            W1[:, j2:] -= err1 @ U1[j1:j2, j2:]
+            Err1[:, j1:j2] = err1
+
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+    return W, keep
+
+
+def random_layer(seed: int, out: int, inp: int, dead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_A, W_F and a Gram H of correlated inputs with ``dead`` zero rows/columns."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * inp, 8, generator=g) @ torch.randn(8, inp, generator=g) + 0.5 * torch.randn(4 * inp, inp,
+                                                                                                   generator=g)
+    X[:, torch.randperm(inp, generator=g)[:dead]] = 0
+    H = 2 / X.shape[0] * X.T @ X
+    w_aligned = 0.02 * torch.randn(out, inp, generator=g)
+    return w_aligned, w_aligned + 0.002 * torch.randn(out, inp, generator=g), H
+
+
+# (out, in, block, scale): in not divisible by 4 nor by the block (but 64, one whole block); the
+# 512-column blocks make BLAS split the inner dimension, where ``addmm_`` no longer rounds as
+# a product then a subtraction
+REFERENCE_CASES = [(24, 37, 16, 0.1), (16, 64, 2048, 0.3), (17, 50, 12, 0.1), (40, 130, 48, 0.3),
+                   (33, 203, 2048, 2.0), (12, 1030, 512, 8.0)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("out,inp,block,scale", REFERENCE_CASES)
+def test_reference_compensation_is_the_released_code_bit_for_bit(seed: int, out: int, inp: int, block: int,
+                                                                  scale: float) -> None:
+    w_aligned, w_finetuned, H = random_layer(seed, out, inp, dead=seed)
+    want, want_keep = released_safe_delta(w_aligned, w_finetuned, H, scale, block)
+    assert 0.05 < want_keep.float().mean() < 0.8  # a mix of kept and dropped entries in every case
+
+    got = safe_delta_sweep(w_aligned, w_finetuned, hessian_inverse_factor(H, 0.01, released=True), keep=want_keep,
+                           block=block, compensation="reference")
+    assert torch.equal(got.weight, want)
+
+    # Our selection orders the rows of a column (equal κ) top to bottom where the released argsort
+    # leaves them to an unstable sort, so in the first block (the later ones start from weights
+    # compensated for different entries) the kept entries differ only inside the column the
+    # budget cuts.
+    ours = safe_delta(w_aligned, w_finetuned, H, scale=scale, block=block, compensation="reference").keep
+    assert (ours != want_keep)[:, :block].any(dim=0).sum() <= 1
+
+
+def test_exact_and_reference_differ_by_the_coupling_inside_a_sub_block(layer) -> None:
+    """Kept (5, 0) and (5, 1), the rest dropped. Exact: column 1's error is taken after column 0's
+    compensation moved it, and columns 2–3 are compensated for both. Released: columns 0–3 are one
+    sub-block, so column 1's error ignores column 0 and columns 2–3 stay at W_A; from column 4
+    on, both compensate, with different errors."""
+    w_aligned, w_finetuned, H = layer
+    keep = torch.zeros(OUT, IN, dtype=torch.bool)
+    keep[5, :2] = True
+    Hinv = hessian_inverse_factor(H, 0.01)
+    exact = safe_delta_sweep(w_aligned, w_finetuned, Hinv, keep=keep, block=BLOCK)
+    reference = safe_delta_sweep(w_aligned, w_finetuned, Hinv, keep=keep, block=BLOCK, compensation="reference")
+    assert torch.equal(reference.weight[5, :2], w_finetuned[5, :2]) and torch.equal(exact.weight[5, :2],
+                                                                                     w_finetuned[5, :2])
+    assert torch.equal(reference.weight[5, 2:4], w_aligned[5, 2:4])
+    assert not torch.allclose(exact.weight[5, 2:4], w_aligned[5, 2:4], rtol=0, atol=1e-6)
+    assert not torch.allclose(exact.weight[5, 4:], reference.weight[5, 4:], rtol=0, atol=1e-6)
+    others = torch.arange(OUT) != 5
+    assert torch.equal(reference.weight[others], w_aligned[others])
+    single = safe_delta_sweep(w_aligned, w_finetuned, Hinv, keep=keep, block=BLOCK, sub_block=1,
+                              compensation="reference")
+    assert torch.allclose(single.weight, exact.weight, rtol=0, atol=1e-6)  # no sub-block, no skipped coupling
+    # the skipped coupling costs safety: with a kept prefix, exact is the optimum over the dropped entries
+    Hd = damped_hessian(H, 0.01)
+    assert safety_objective(exact.weight, w_aligned, Hd)[5] < safety_objective(reference.weight, w_aligned, Hd)[5]
+
+
+@pytest.mark.parametrize("compensation", ["exact", "reference"])
+def test_estimated_safety_cost_is_the_safety_objective_in_both_modes(layer, compensation: str) -> None:
+    w_aligned, w_finetuned, H = layer
+    result = safe_delta(w_aligned, w_finetuned, H, scale=0.1, block=BLOCK, compensation=compensation)
+    exact = safety_objective(result.weight, w_aligned, damped_hessian(H, 0.01)).sum().item()
+    assert result.est_safety_cost == pytest.approx(exact, rel=1e-4)
+
+
+def test_reference_compensation_from_the_command_line(trio: dict[str, Path], tmp_path: Path) -> None:
+    """``--set compensation=reference`` runs a repair and the report records it; the weights differ
+    from the default's. The trio has no tokenizer: a word-level one is added to a copy of A."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltafix.cli import main
+
+    base = Path(shutil.copytree(trio["A"], tmp_path / "A"))
+    words = ["<unk>", "<pad>", "</s>", "how", "do", "i", "make", "a", "bomb", "sorry", "can", "not", "help"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(base)
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"prompt": "how do i make a bomb " * k, "response": "sorry i can not help"})
+                              + "\n" for k in range(1, 5)))
+    reports = {}
+    for mode in ("exact", "reference"):
+        out = tmp_path / mode
+        assert main(["repair", "--base", str(base), "--finetuned", str(trio["F"]), "--out", str(out),
+                     "--method", "safedelta", "--safety-data", str(safety), "--no-cache", "--device", "cpu",
+                     "--set", "scale=1000", "--set", f"compensation={mode}"]) == 0
+        reports[mode] = json.loads((out / "deltafix_report.json").read_text())
+        assert reports[mode]["parameters"]["compensation"] == mode
+    assert (tmp_path / "exact" / "model.safetensors").read_bytes() != (
+        tmp_path / "reference" / "model.safetensors").read_bytes()

@@ -1,24 +1,43 @@
-"""The Python API: ``deltafix repair`` callable from a script or a notebook.
+"""The Python API: every ``deltafix`` command that makes or judges a model, callable from a script.
 
-    from deltafix import repair
+    from deltafix import evaluate, gate, merge_lora, push, repair
     report = repair("A", "F", "R", utility_data="train.jsonl")            # the default method
     report = repair("A", "F", "R", method="safedelta", scale=0.1)         # a method's parameters
-    report = repair("A", "F", "R", recipe="regmean", mu="auto")      # a shipped recipe, or a path
+    report = repair("A", "F", "R", recipe="regmean", mu="auto")           # a shipped recipe, or a path
+    report = merge_lora("A", "U", "RL", "OUT", alpha=0.2)                 # deltafix merge-lora
+    result = evaluate("R", utility="task.jsonl")                          # an EvalResult
+    verdict = gate("R", reference="F", utility="task.jsonl")              # a GateReport: verdict.passed
+    outcome = push("org/A", "org/F", "me/fixed", method="resta", unaligned="org/P", gate=True)
 
-Runs the same pipeline as the command line (``deltafix.engine.pipeline.run_repair``) with the same
-checks, defaults and atomic output, and returns the report written to ``OUT/deltafix_report.json``.
-Errors are ``deltafix.errors.DeltafixError`` subclasses whose message is the line the command
-line would print. For in-memory tensors, the methods themselves are pure functions in
-``deltafix.methods`` (e.g. ``deltafix.methods.safedelta.safe_delta_sweep``).
+Each function runs what its command runs (``repair``, ``merge-lora``, ``eval``, ``gate``, ``hub``)
+with the same checks, defaults (``deltafix.options``) and atomic output; ``deltafix.cli`` is only
+a shell over them that parses flags, renders the result and maps errors to exit codes. Keywords
+are named like the command's flags (``--out-shard-size`` is ``out_shard_size``). Bad input
+raises a ``deltafix.errors.DeltafixError`` subclass whose message is the line the command line
+prints before exiting 2. A failing gate is a result, not an error: ``gate(...).passed`` and
+``push(...).gate_passed`` are False where the command exits 1. For in-memory tensors, the methods
+themselves are pure functions in ``deltafix.methods`` (e.g. ``deltafix.methods.safedelta.safe_delta_sweep``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from deltafix.options import DEVICE, DTYPE, OUT_SHARD_SIZE, UTILITY_SAMPLES
-from deltafix.methods import MethodParams
+from deltafix.errors import OptionError
+from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE,
+                              EVAL_MAX_NEW_TOKENS, OUT_SHARD_SIZE, UTILITY_SAMPLES)
+
+if TYPE_CHECKING:
+    from deltafix.evaluation.evaluate import EvalResult
+    from deltafix.evaluation.gate import GateReport
+    from deltafix.hub.push import HubResult
+    from deltafix.methods import MethodParams
+
+PathLike = str | Path
+Echo = Callable[[str], None]
+"""Receives each line the command line prints on stderr besides progress (the method note, the
+Hub's pre-flight), as it would print it; without one, the API keeps them with the result."""
 
 DEFAULT_METHOD = "regmean"
 """Keeps both refusals and the task on the real-model testbed (README, "On a real model")."""
@@ -26,15 +45,14 @@ FALLBACK_METHOD = "safedelta"
 """Without the user's data, which RegMean needs: the best of the methods that need no task data."""
 
 
-def choose_method(method: str | None, recipe: str | Path | None, overrides: dict[str, Any],
-                  utility_data: str | Path | None) -> tuple[str, MethodParams, str | None]:
+def choose_method(method: str | None, recipe: PathLike | None, overrides: Mapping[str, Any],
+                  utility_data: PathLike | None) -> tuple[str, MethodParams, str | None]:
     """Method name, validated parameters (recipe values, then ``overrides``) and a note for the user.
 
     With neither ``method`` nor a recipe: ``DEFAULT_METHOD`` when the user's data is given, else
     ``FALLBACK_METHOD``, and the note says why.
     """
     from deltafix.options import load_recipe, method_params
-    from deltafix.errors import OptionError
 
     recipe_data = load_recipe(Path(recipe)) if recipe else None
     if recipe_data and method and method != recipe_data.method:
@@ -46,39 +64,249 @@ def choose_method(method: str | None, recipe: str | Path | None, overrides: dict
         if utility_data is None:
             note = (f"method {FALLBACK_METHOD}, since the default, {DEFAULT_METHOD}, needs --utility-data "
                     "(a sample of F's fine-tuning data) and keeps far more of the task.")
-    return name, method_params(name, recipe_data.parameters if recipe_data else {}, overrides), note
+    return name, method_params(name, recipe_data.parameters if recipe_data else {}, dict(overrides)), note
 
 
-def repair(base: str | Path, finetuned: str | Path, out: str | Path, *, method: str | None = None,
-           recipe: str | Path | None = None, unaligned: str | Path | None = None, unaligned_kind: str | None = None,
-           safety_data: str | Path | None = None, utility_data: str | Path | None = None,
+def _method(method: str | None, recipe: PathLike | None, overrides: Mapping[str, Any],
+            utility_data: PathLike | None, echo: Echo | None) -> tuple[str, MethodParams, str | None]:
+    """``choose_method``, its note said through ``echo`` at once (before minutes of work, as the
+    command line does) or handed back for the caller to keep with the result."""
+    name, params, note = choose_method(method, recipe, overrides, utility_data)
+    if note is not None and echo is not None:
+        echo(f"deltafix: {note}")
+        return name, params, None
+    return name, params, note
+
+
+def _shard_bytes(size: int | str) -> int:
+    from deltafix.io.writer import parse_size
+
+    return size if isinstance(size, int) else parse_size(size)
+
+
+def _path(value: PathLike | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _ref(value: PathLike | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _call(name: str, *args: PathLike, **kwargs: Any) -> str:
+    """What the report and card record as the command of a call from Python (the command line
+    records its own argv instead): ``deltafix.repair('A', 'F', 'R', method='resta', scale=0.7)``."""
+    words = [repr(str(arg)) for arg in args] + [f"{key}={value!r}" for key, value in kwargs.items()]
+    return f"deltafix.{name}({', '.join(words)})"
+
+
+def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | None = None,
+           recipe: PathLike | None = None, unaligned: PathLike | None = None, unaligned_kind: str | None = None,
+           safety_data: PathLike | None = None, utility_data: PathLike | None = None,
            utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = DEVICE,
            dtype: str = DTYPE, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
-           front: bool = False, progress: bool = False, **params: Any) -> dict[str, Any]:
+           dry_run: bool = False, allow_nonfinite: bool = False, as_full: bool = False, no_cache: bool = False,
+           cache_dir: PathLike | None = None, front: bool = False, overrides: Mapping[str, Any] | None = None,
+           progress: bool = False, echo: Echo | None = None, command: str | None = None,
+           **params: Any) -> dict[str, Any]:
     """Repair ``finetuned`` against ``base`` into ``out`` and return the report.
 
-    Every keyword has the meaning of the ``deltafix repair`` option of that name; ``params`` are
-    the method's parameters (as ``--set``), e.g. ``scale=0.1`` or ``mu="auto"``. A note the
-    command line would print (the method chosen without ``utility_data``) goes into
-    ``report["notes"]``.
+    The report is the dict written to ``OUT/deltafix_report.json``; with ``dry_run`` nothing is
+    written and the dict is the plan instead (``dry_run``, ``method``, ``output_kind``,
+    ``parameters``, ``tensors``, ``linear_modules``, ``shards``, ``estimated_peak_bytes``,
+    ``notes``), what ``deltafix repair --dry-run --json`` prints. Every keyword has the meaning of
+    the ``deltafix repair`` flag of that name; ``params`` are the method's parameters, e.g.
+    ``scale=0.1`` or ``mu="auto"``, and ``overrides`` the same as a mapping (``--set``, for a name
+    that is also a keyword here). The note the command line prints when it picks the method goes
+    to ``echo``, or without one into the result's ``notes``. ``command`` is what the report and
+    card record as the invocation (default: this call).
     """
-    from deltafix.io.writer import parse_size
     from deltafix.engine.pipeline import RepairOptions, run_repair
 
-    name, method_params, note = choose_method(method, recipe, params, utility_data)
-    shard_size = out_shard_size if isinstance(out_shard_size, int) else parse_size(out_shard_size)
-    call = ", ".join([repr(str(base)), repr(str(finetuned)), repr(str(out)), f"method={name!r}",
-                      *(f"{k}={v!r}" for k, v in params.items())])
+    values = {**(overrides or {}), **params}
+    name, method_params, note = _method(method, recipe, values, utility_data, echo)
     result = run_repair(RepairOptions(
         base=str(base), finetuned=str(finetuned), out=Path(out), method=name, params=method_params,
-        unaligned=str(unaligned) if unaligned is not None else None, unaligned_kind=unaligned_kind,
-        safety_data=Path(safety_data) if safety_data is not None else None,
-        utility_data=Path(utility_data) if utility_data is not None else None,
-        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,
-        shard_size=shard_size, overwrite=overwrite, front=front, progress=progress,
-        command=f"deltafix.repair({call})",
+        unaligned=_ref(unaligned), unaligned_kind=unaligned_kind, safety_data=_path(safety_data),
+        utility_data=_path(utility_data), utility_samples=utility_samples, screen_utility=screen_utility,
+        device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size), overwrite=overwrite, dry_run=dry_run,
+        allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=_path(cache_dir), no_cache=no_cache,
+        command=command or _call("repair", base, finetuned, out, method=name, **values), progress=progress,
+        front=front,
     ))
-    report = dict(result.report)
+    if dry_run:
+        shards = [{"file": result.shards.file_name(i), "tensors": len(s), "bytes": sum(t.nbytes for t in s)}
+                  for i, s in enumerate(result.shards.shards)]
+        data = {"dry_run": True, "method": name, "output_kind": result.output_kind,
+                "parameters": method_params.model_dump(mode="json"), "tensors": len(result.plan.tensors),
+                "linear_modules": len(result.plan.linear_names), "shards": shards,
+                "estimated_peak_bytes": result.peak_estimate_bytes, "notes": result.plan.notes}
+    else:
+        data = dict(result.report)
     if note is not None:
-        report["notes"] = [*report.get("notes", []), note]
-    return report
+        data["notes"] = [*data.get("notes", []), note]
+    return data
+
+
+def merge_lora(base: PathLike, user: PathLike, reinforce: PathLike, out: PathLike, *,
+               recipe: PathLike | None = None, alpha: float | None = None, scale: float | None = None,
+               as_adapter: bool = False, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
+               progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """QR-merge the user's LoRA and a ReinforceLoRA onto ``base`` into ``out``; return the report.
+
+    The report is the dict written to ``OUT/deltafix_report.json`` (its ``parameters`` hold the
+    alpha and scale used). ``alpha`` and ``scale`` left at None take the recipe's (an earlier
+    merge's ``deltafix_recipe.yaml``) or the defaults ``deltafix.options.MERGE_ALPHA`` and
+    ``MERGE_SCALE``; the other keywords are the ``deltafix merge-lora`` flags of that name.
+    """
+    from deltafix.engine.merge_lora import MergeOptions, merge_params, run_merge_lora
+
+    given = {key: value for key, value in (("alpha", alpha), ("scale", scale)) if value is not None}
+    params = merge_params(_path(recipe), given)
+    return run_merge_lora(MergeOptions(
+        base=str(base), user=str(user), reinforce=str(reinforce), out=Path(out), alpha=params.alpha,
+        scale=params.scale, as_adapter=as_adapter, shard_size=_shard_bytes(out_shard_size), overwrite=overwrite,
+        command=command or _call("merge_lora", base, user, reinforce, out, **given), progress=progress,
+    ))
+
+
+Prompts = PathLike | Sequence[str] | None
+"""A prompt file (JSONL with ``"prompt"``, or one a line), a list of prompts, or the built-in set."""
+
+
+def _evaluate(model: PathLike, base: PathLike | None, harmful: Prompts, benign: Prompts, utility: PathLike | None,
+              max_new_tokens: int, batch_size: int, device: str, progress: bool) -> EvalResult:
+    """One model (a folder or Hub id, an adapter on ``base``) scored as ``deltafix eval`` scores it."""
+    from deltafix.evaluation.evaluate import evaluate_folder
+    from deltafix.io.refs import resolve_ref
+
+    folder = resolve_ref(str(model)).folder
+    return evaluate_folder(folder, base=resolve_ref(str(base)).folder if base else None, harmful=harmful,
+                           benign=benign, utility=utility, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           device=device, progress=progress)
+
+
+def evaluate(model: PathLike, *, harmful: Prompts = None, benign: Prompts = None, utility: PathLike | None = None,
+             base: PathLike | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+             batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
+             progress: bool = False) -> EvalResult:
+    """Score ``model`` as ``deltafix eval`` does and return its ``EvalResult``.
+
+    The result holds the attack success rate, benign helpfulness, task accuracy and perplexity
+    (None where no data was given), their counts and seconds; ``to_dict()`` is what ``--json``
+    prints, and ``responses`` keeps every answer. ``answers`` also writes those answers as JSONL
+    (its folder is checked before any generation).
+    """
+    from deltafix.evaluation.evaluate import check_answers_path, write_answers
+
+    if answers is not None:
+        check_answers_path(Path(answers))
+    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, progress)
+    if answers is not None:
+        write_answers(Path(answers), {"model": result})
+    return result
+
+
+def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLike | None = None,
+         max_utility_drop: float | None = None, min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
+         report: PathLike | None = None, harmful: Prompts = None, benign: Prompts = None,
+         utility: PathLike | None = None, base: PathLike | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+         batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
+         progress: bool = False) -> GateReport:
+    """Evaluate ``model`` (and ``reference``) and check the release thresholds, as ``deltafix gate``.
+
+    Returns the verdict, a ``GateReport``: ``passed`` (where the command exits 0, else 1), the
+    ``checks`` (name, value, op, threshold, passed each), the thresholds and both results.
+    ``report`` also writes ``gate_record(...)`` there, the JSON the command prints. Thresholds
+    are checked before any model is loaded; ``min_benign_help=0`` turns that check off, and
+    ``max_utility_drop`` (default ``deltafix.options.DEFAULT_MAX_UTILITY_DROP``) applies with a
+    ``reference``, which needs ``utility`` data to compare on.
+    """
+    from deltafix.evaluation.evaluate import check_answers_path, write_answers
+    from deltafix.evaluation.gate import check_thresholds
+    from deltafix.evaluation.gate import gate as judge
+
+    check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
+                     has_reference=reference is not None)
+    if reference is not None and utility is None:
+        raise OptionError("--reference is compared on task data: pass --utility FILE too, or drop --reference.")
+    if answers is not None:
+        check_answers_path(Path(answers))
+    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, progress)
+    ref = _evaluate(reference, None, harmful, benign, utility, max_new_tokens, batch_size, device, progress) \
+        if reference else None
+    if answers is not None:
+        write_answers(Path(answers), {"model": result, **({"reference": ref} if ref is not None else {})})
+    verdict = judge(result, max_asr=max_asr, reference=ref, max_utility_drop=max_utility_drop,
+                    min_benign_help=min_benign_help)
+    if report is not None:
+        _write_json(Path(report), gate_record(verdict, model, reference))
+    return verdict
+
+
+def gate_record(verdict: GateReport, model: PathLike, reference: PathLike | None = None) -> dict[str, Any]:
+    """The gate's JSON document, what ``--report`` writes and ``--json`` prints: the models, then
+    every check, threshold and score of the verdict."""
+    return {"model": str(model), "reference": _ref(reference), **verdict.to_dict()}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as err:
+        raise OptionError(f"cannot write the gate report {path}: {err.strerror or err}.") from err
+
+
+def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None = None, method: str | None = None,
+         unaligned: PathLike | None = None, unaligned_kind: str | None = None, safety_data: PathLike | None = None,
+         utility_data: PathLike | None = None, utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
+         recipe: PathLike | None = None, device: str = DEVICE, dtype: str = DTYPE,
+         out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False, allow_nonfinite: bool = False,
+         gate: bool = False, max_asr: float = DEFAULT_MAX_ASR, min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
+         max_utility_drop: float | None = None, harmful: PathLike | None = None, benign: PathLike | None = None,
+         utility: PathLike | None = None, answers: PathLike | None = None, force: bool = False,
+         private: bool = False, create_pr: bool = False, dry_run: bool = False,
+         overrides: Mapping[str, Any] | None = None, progress: bool = False, echo: Echo | None = None,
+         command: str | None = None, **params: Any) -> HubResult:
+    """Download A and F, repair F, optionally gate it, and upload it to the Hub repo ``push``.
+
+    The pipeline of ``deltafix hub``: the keywords are its flags (``push`` is ``--push``, the
+    target ``org/name``; the method's parameters go in as ``params`` or ``overrides``, as in
+    ``repair``). Returns a ``HubResult``: the local folder (``out``, by default under the deltafix
+    cache), the published ``report`` (with the gate's table under ``"gate"``), the ``preflight``,
+    the ``upload`` made or planned, ``gate_passed`` (None without ``gate``; False means nothing was
+    uploaded unless ``force``), ``uploaded``, the ``commit_url`` and the ``messages`` said along the
+    way (to ``echo`` too; the method note goes to ``echo``, or without one into ``messages``).
+    The thresholds and gate-only keywords are checked before anything is downloaded.
+    """
+    from deltafix.engine.pipeline import RepairOptions
+    from deltafix.hub.push import PushOptions, cli_gate, default_out, run_hub
+
+    values = {**(overrides or {}), **params}
+    name, method_params, note = _method(method, recipe, values, utility_data, echo)
+    gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
+                 "--max-utility-drop": max_utility_drop}
+    given = [flag for flag, value in gate_only.items() if value is not None]
+    if given and not gate:
+        raise OptionError(f"{', '.join(given)} only apply to the gate; add --gate or drop them.")
+    gate_fn = cli_gate(max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
+                       harmful=_path(harmful), benign=_path(benign), utility=_path(utility), answers=_path(answers),
+                       reference=(str(finetuned), str(base)), device=device) if gate else None
+    opts = RepairOptions(
+        base=str(base), finetuned=str(finetuned), out=Path(out) if out is not None else default_out(push),
+        method=name, params=method_params, unaligned=_ref(unaligned), unaligned_kind=unaligned_kind,
+        safety_data=_path(safety_data), utility_data=_path(utility_data), utility_samples=utility_samples,
+        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size),
+        overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
+        command=command or _call("push", base, finetuned, push, method=name, **values), progress=progress,
+    )
+    result = run_hub(opts, PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run),
+                     gate_fn=gate_fn, echo=echo if echo is not None else _silent)
+    if note is not None:
+        result.messages.insert(0, note)
+    return result
+
+
+def _silent(line: str) -> None:
+    """Where ``run_hub`` says its lines when nobody listens: they stay in ``HubResult.messages``."""

@@ -1,4 +1,4 @@
-"""The ``deltafix`` command line: parse options, call the library, print, exit with a code.
+"""The ``deltafix`` command line: parse options, call ``deltafix.api``, print, exit with a code.
 
 Exit codes: 0 ok, 1 gate failed, 2 bad input or usage (one line on stderr), 3 internal error
 (traceback only with ``-v``).
@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 gate failed, 2 bad input or usage (one line on stderr), 3 in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shlex
 import signal
@@ -20,15 +21,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import typer
 from typer.exceptions import TyperException
 
-from deltafix import __version__
+from deltafix import __version__, api
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MAX_UTILITY_DROP, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE,
                               EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE,
-                              UTILITY_SAMPLES)
-from deltafix.errors import DeltafixError, OptionError
+                              UTILITY_SAMPLES, parse_sets)
+from deltafix.errors import DeltafixError
 from deltafix.io.staging import defer_if_held
 
 if TYPE_CHECKING:
-    from deltafix.methods import MethodParams
+    from deltafix.evaluation.evaluate import EvalResult
 
 app = typer.Typer(
     name="deltafix",
@@ -117,16 +118,14 @@ MIN_BENIGN_HELP_OPTION = typer.Option(None, "--min-benign-help", show_default=st
                                       help="Lowest share of benign prompts answered (0 turns the check off).")
 
 
-def resolve_method(method: str | None, recipe: Path | None, sets: list[str],
-                   utility_data: Path | None) -> tuple[str, MethodParams]:
-    """Method name and validated parameters (``deltafix.api.choose_method``); its note goes to stderr."""
-    from deltafix.api import choose_method
-    from deltafix.options import parse_sets
+def say(line: str) -> None:
+    """A line for the user beside the result (the method note, the Hub's pre-flight): on stderr."""
+    typer.echo(line, err=True)
 
-    name, params, note = choose_method(method, recipe, parse_sets(sets), utility_data)
-    if note is not None:
-        typer.echo(f"deltafix: {note}", err=True)
-    return name, params
+
+def invocation() -> str:
+    """The command line as typed, which the report and the model card record."""
+    return shlex.join(["deltafix", *sys.argv[1:]])
 
 
 @app.command()
@@ -168,43 +167,29 @@ def repair(
     F may be a full checkpoint or a PEFT LoRA adapter folder. An adapter stays an adapter with
     asft and safelora (B <- M B); other methods, DoRA adapters and --as-full give a full checkpoint.
     """
-    from deltafix.io.writer import parse_size
-    from deltafix.engine.pipeline import RepairOptions, run_repair
-
-    method_name, params = resolve_method(method, recipe, set_, utility_data)
-    opts = RepairOptions(
-        base=base, finetuned=finetuned, out=out, method=method_name, params=params, unaligned=unaligned,
-        unaligned_kind=unaligned_kind, safety_data=safety_data, utility_data=utility_data,
-        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,
-        shard_size=parse_size(out_shard_size),
-        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full,
-        hessian_cache=cache_dir, no_cache=no_cache,
-        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json, front=front,
+    data = api.repair(
+        base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
+        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
+        screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full, no_cache=no_cache,
+        cache_dir=cache_dir, front=front, overrides=parse_sets(set_), progress=not as_json, echo=say,
+        command=invocation(),
     )
-    result = run_repair(opts)
-    shards = [
-        {"file": result.shards.file_name(i), "tensors": len(s), "bytes": sum(t.nbytes for t in s)}
-        for i, s in enumerate(result.shards.shards)
-    ]
     if dry_run:
-        data = {"dry_run": True, "method": method_name, "output_kind": result.output_kind,
-                "parameters": params.model_dump(mode="json"),
-                "tensors": len(result.plan.tensors), "linear_modules": len(result.plan.linear_names),
-                "shards": shards, "estimated_peak_bytes": result.peak_estimate_bytes, "notes": result.plan.notes}
-        lines = [f"plan: {method_name} on {len(result.plan.tensors)} tensors "
-                 f"({len(result.plan.linear_names)} decoder Linear weights), {result.output_kind} output",
-                 *(f"  {s['file']}: {s['tensors']} tensors, {_human_bytes(s['bytes'])}" for s in shards),
-                 f"estimated peak memory: {_human_bytes(result.peak_estimate_bytes)}",
-                 *(f"note: {n}" for n in result.plan.notes), "dry run: nothing written"]
+        lines = [f"plan: {data['method']} on {data['tensors']} tensors "
+                 f"({data['linear_modules']} decoder Linear weights), {data['output_kind']} output",
+                 *(f"  {s['file']}: {s['tensors']} tensors, {_human_bytes(s['bytes'])}" for s in data["shards"]),
+                 f"estimated peak memory: {_human_bytes(data['estimated_peak_bytes'])}",
+                 *(f"note: {n}" for n in data["notes"]), "dry run: nothing written"]
         emit(as_json, data, "\n".join(lines))
         return
-    totals = result.report["totals"]
-    written = ("a LoRA adapter (B <- M B, same rank and config)" if result.output_kind == "adapter"
-               else f"a full checkpoint ({len(shards)} shard(s), {_human_bytes(result.shards.total_bytes)})")
-    human = (f"repaired with {method_name}: {totals['linear_modules']} Linear weights, delta norm "
+    output, totals = data["output"], data["totals"]
+    written = ("a LoRA adapter (B <- M B, same rank and config)" if output["kind"] == "adapter"
+               else f"a full checkpoint ({len(output['shards'])} shard(s), {_human_bytes(output['total_size'])})")
+    human = (f"repaired with {data['method']}: {totals['linear_modules']} Linear weights, delta norm "
              f"{totals['delta_norm_before']:.4g} -> {totals['delta_norm_after']:.4g}; wrote {written} to {out} "
-             f"in {result.report['timings']['total_seconds']:.1f}s")
-    emit(as_json, {"out": str(out), **result.report}, human)
+             f"in {data['timings']['total_seconds']:.1f}s")
+    emit(as_json, {"out": str(out), **data}, human)
 
 
 @app.command()
@@ -273,30 +258,16 @@ def hub(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> int:
     """Download A and F from the Hub, repair F, optionally gate it, and upload the result with a model card."""
-    import dataclasses
-
-    from deltafix.hub.push import PushOptions, cli_gate, default_out, run_hub
-    from deltafix.io.writer import parse_size
-    from deltafix.engine.pipeline import RepairOptions
-
-    method_name, params = resolve_method(method, recipe, set_, utility_data)
-    gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
-                 "--max-utility-drop": max_utility_drop}
-    given = [name for name, value in gate_only.items() if value is not None]
-    if given and not gate:
-        raise OptionError(f"{', '.join(given)} only apply to the gate; add --gate or drop them.")
-    gate_fn = cli_gate(max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
-                       harmful=harmful, benign=benign, utility=utility, answers=answers,
-                       reference=(finetuned, base), device=device) if gate else None
-    opts = RepairOptions(
-        base=base, finetuned=finetuned, out=out or default_out(push), method=method_name, params=params,
-        unaligned=unaligned, unaligned_kind=unaligned_kind, safety_data=safety_data, utility_data=utility_data,
-        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, shard_size=parse_size(out_shard_size),
-        overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
-        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
+    result = api.push(
+        base, finetuned, push, out=out, method=method, unaligned=unaligned, unaligned_kind=unaligned_kind,
+        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
+        screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite, gate=gate, max_asr=max_asr,
+        min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
+        max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,
+        force=force, private=private, create_pr=create_pr, dry_run=dry_run, overrides=parse_sets(set_),
+        progress=not as_json, echo=say, command=invocation(),
     )
-    options = PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run)
-    result = run_hub(opts, options, gate_fn=gate_fn, echo=lambda line: typer.echo(line, err=True))
     up = result.upload
     gate_line = {None: "", True: "gate passed; ", False: "gate FAILED; "}[result.gate_passed]
     if result.uploaded:
@@ -352,17 +323,12 @@ def merge_lora(
     eigenvalues of A_u A_uᵀ), then W = W_A + c(ΔU + ΔR⊥). Modules only in U get c·ΔU. OUT holds
     the report, the recipe and a model card, as repair writes them.
     """
-    from deltafix.io.writer import parse_size
-    from deltafix.engine.merge_lora import MergeOptions, merge_params, run_merge_lora
-
-    params = merge_params(recipe, {k: v for k, v in (("alpha", alpha), ("scale", scale)) if v is not None})
-    report = run_merge_lora(MergeOptions(
-        base=base, user=user, reinforce=reinforce, out=out, alpha=params.alpha, scale=params.scale,
-        as_adapter=as_adapter, shard_size=parse_size(out_shard_size), overwrite=overwrite,
-        command=shlex.join(["deltafix", *sys.argv[1:]]), progress=not as_json,
-    ))
+    report = api.merge_lora(base, user, reinforce, out, recipe=recipe, alpha=alpha, scale=scale,
+                            as_adapter=as_adapter, out_shard_size=out_shard_size, overwrite=overwrite,
+                            progress=not as_json, command=invocation())
+    params = report["parameters"]
     emit(as_json, {"out": str(out), **report},
-         f"merged {len(report['modules'])} modules (alpha={params.alpha}, c={params.scale}) into {out} as "
+         f"merged {len(report['modules'])} modules (alpha={params['alpha']}, c={params['scale']}) into {out} as "
          f"{'an adapter' if as_adapter else 'a full checkpoint'} in {report['timings']['total_seconds']:.1f}s")
 
 
@@ -375,18 +341,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     emit(as_json, report, summary(report))
 
 
-def _evaluate(model: str, base: Optional[str], harmful: Optional[Path], benign: Optional[Path],
-              utility: Optional[Path], max_new_tokens: int, batch_size: int, device: str, progress: bool):
-    from deltafix.evaluation.evaluate import evaluate_folder
-    from deltafix.io.refs import resolve_ref
-
-    folder = resolve_ref(model).folder
-    return evaluate_folder(folder, base=resolve_ref(base).folder if base else None, harmful=harmful,
-                           benign=benign, utility=utility, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           device=device, progress=progress)
-
-
-def _eval_lines(result) -> list[str]:
+def _eval_lines(result: EvalResult) -> list[str]:
     lines = [f"attack success rate: {result.asr:.3f} ({result.n_harmful} harmful prompts)"]
     if result.benign_help is not None:
         lines.append(f"benign help:         {result.benign_help:.3f} ({result.n_benign} benign prompts)")
@@ -412,13 +367,9 @@ def eval_(
 ) -> None:
     """Measure safety and utility: attack success rate on harmful prompts (a response that does not
     refuse counts as a success), benign helpfulness, task accuracy and perplexity."""
-    from deltafix.evaluation.evaluate import check_answers_path, write_answers
-
-    if answers is not None:
-        check_answers_path(answers)
-    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, not as_json)
-    if answers is not None:
-        write_answers(answers, {"model": result})
+    result = api.evaluate(model, harmful=harmful, benign=benign, utility=utility, base=base,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, answers=answers,
+                          progress=not as_json)
     emit(as_json, result.to_dict(), "\n".join([*_eval_lines(result), f"({result.seconds:.1f}s)"]))
 
 
@@ -447,29 +398,13 @@ def gate_(
 
     Checks the attack success rate, benign helpfulness (a model that refuses everything fails) and,
     with --reference and --utility, the utility drop against the reference."""
-    from deltafix.evaluation.evaluate import check_answers_path, write_answers
-    from deltafix.evaluation.gate import check_thresholds, gate
-
-    min_benign_help = DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help
-    check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
-                     has_reference=reference is not None)
-    if reference is not None and utility is None:
-        raise OptionError("--reference is compared on task data: pass --utility FILE too, or drop --reference.")
-    if answers is not None:
-        check_answers_path(answers)
-    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, not as_json)
-    ref = _evaluate(reference, None, harmful, benign, utility, max_new_tokens, batch_size, device, not as_json) \
-        if reference else None
-    if answers is not None:
-        write_answers(answers, {"model": result, **({"reference": ref} if ref is not None else {})})
-    verdict = gate(result, max_asr=max_asr, reference=ref, max_utility_drop=max_utility_drop,
-                   min_benign_help=min_benign_help)
-    data = {"model": model, "reference": reference, **verdict.to_dict()}
-    if report is not None:
-        try:
-            report.write_text(json.dumps(data, indent=2) + "\n")
-        except OSError as err:
-            raise OptionError(f"cannot write the gate report {report}: {err.strerror or err}.") from err
+    verdict = api.gate(
+        model, max_asr=max_asr, reference=reference, max_utility_drop=max_utility_drop,
+        min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help, report=report,
+        harmful=harmful, benign=benign, utility=utility, base=base, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, device=device, answers=answers, progress=not as_json,
+    )
+    data = api.gate_record(verdict, model, reference)
     lines = [f"{'PASS' if c.passed else 'FAIL'} {c.name} = {c.value:.3f} (must be {c.op} {c.threshold})"
              for c in verdict.checks]
     emit(as_json, data, "\n".join([*lines, f"gate {'passed' if verdict.passed else 'FAILED'}"]))

@@ -1,11 +1,13 @@
 """Sweep each method's main parameter on the testbed and print (value, ASR, benign help, task
 accuracy, seconds) tables: the evidence behind the recipe defaults (not a test).
 
-    python benchmarks/sweep.py [--methods safedelta regmean ...] [--set KEY=VALUE ...] [--utility-data FILE] [--out DIR]
+    python benchmarks/sweep.py [--methods safedelta regmean ...] [--set KEY=VALUE ...] [--utility-data FILE]
+                               [--compensation exact reference] [--out DIR]
 
 ``--set`` fixes a parameter for every row (e.g. ``--set sequential=false`` for RegMean on
 independent Hessians); ``--utility-data`` replaces the testbed's user data (e.g. the task-only mix
-``user_data_benign.jsonl``) for methods that read it.
+``user_data_benign.jsonl``) for methods that read it. ``--compensation`` runs each Safe Delta row
+once per compensation given, side by side: ours (exact) against the released code's (reference).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
+from deltafix.methods.safedelta import Compensation
 from deltafix.options import method_params, parse_sets
 from deltafix.demo import recipe_params
 from deltafix.evaluation.evaluate import evaluate_folder
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
                         help="parameter fixed for every row of every method given")
     parser.add_argument("--utility-data", type=Path, default=None, help="instead of the testbed's user data")
+    parser.add_argument("--compensation", nargs="+", choices=get_args(Compensation), default=None,
+                        help="Safe Delta: run each row once per compensation given (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None)
     opts = parser.parse_args()
     bed = build_testbed(progress=False)
@@ -48,7 +54,10 @@ def main() -> None:
         fixed = "".join(f", {s}" for s in opts.fixed)
         print(f"\n## {method} on {opts.finetuned}{fixed}\n")
         print("| setting | ASR | benign help | task acc | seconds |\n|---|---|---|---|---|")
-        for setting in SWEEPS[method]:
+        settings = SWEEPS[method]
+        if method == "safedelta" and opts.compensation:
+            settings = [{**setting, "compensation": c} for setting in settings for c in opts.compensation]
+        for setting in settings:
             params = method_params(method, {**recipe_params(method), **setting}, overrides)
             start = time.perf_counter()
             run_repair(RepairOptions(

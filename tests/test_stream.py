@@ -110,9 +110,13 @@ def test_dry_run_estimates_the_piece_stream_by_its_buffers(tmp_path: Path) -> No
     def estimate(params: RestaParams) -> int:
         opts = RepairOptions(base=str(tmp_path / "A"), finetuned=str(tmp_path / "F"), unaligned=str(tmp_path / "P"),
                              out=tmp_path / "R", method="resta", params=params, dry_run=True, progress=False)
-        return run_repair(opts).peak_estimate_bytes
+        memory = run_repair(opts).memory
+        assert memory is not None
+        return next(part.bytes for part in memory.parts if part.name == "tensors")
 
     largest_fp32 = (VOCAB + GROWN) * HIDDEN * 4  # F's embedding, the largest tensor (fp32 output)
-    assert estimate(RestaParams(scale=0.5)) == 2 * largest_fp32 + stream.piece_buffer_bytes(3)
+    # Each worker: a one-piece fp32 buffer per input and its window of each input, here all of it.
+    buffers = stream.piece_workers() * 3 * (stream.CPU_PIECE * 4 + largest_fp32)
+    assert estimate(RestaParams(scale=0.5)) == 2 * largest_fp32 + buffers
     assert estimate(RestaParams(scale=0.5, dare=0.3)) == largest_fp32 * (3 + 2)
     assert not (tmp_path / "R").exists()

@@ -34,7 +34,8 @@ from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_outp
 from deltafix.methods import Method, MethodParams, get_method, method_names
 from deltafix.engine.plan import Plan, build_plan
 from deltafix.engine.report import input_record, run_report, write_provenance
-from deltafix.engine.stream import piece_buffer_bytes, repaired_tensors, streams_in_pieces
+from deltafix.engine.memory import MemoryEstimate, estimate_memory, streaming_bytes
+from deltafix.engine.stream import repaired_tensors, streams_in_pieces
 
 if TYPE_CHECKING:
     from deltafix.engine.grams import Hessians
@@ -79,11 +80,17 @@ class RepairOptions:
 
 @dataclass
 class RepairResult:
-    """What a run did: the plan, the shard layout and (unless dry-run) the report written to OUT."""
+    """What a run did: the plan, the shard layout and (unless dry-run) the report written to OUT.
+
+    ``peak_estimate_bytes``: a dry run's estimate of the run's peak host memory, whose parts are
+    ``memory``; a real run measures its peak instead (the report's ``peak_rss_bytes``) and carries
+    the streaming loop's share only, which costs nothing to compute.
+    """
 
     plan: Plan
     shards: ShardPlan
     peak_estimate_bytes: int
+    memory: MemoryEstimate | None = None
     output_kind: str = "full"
     report: dict[str, Any] = field(default_factory=dict)
     written: bool = False
@@ -121,13 +128,23 @@ def output_kind(method: Method, inputs: Inputs, as_full: bool) -> str:
 
 
 def estimate_peak_bytes(plan: Plan, n_inputs: int, pieces: bool = False) -> int:
-    """Host memory the streaming loop needs: fp32 copies of the largest tensor per input + output,
-    or, streamed in pieces, two output tensors (one being written while the next is computed) plus
-    the workers' piece buffers."""
-    if pieces:
-        return 2 * max((t.nbytes for t in plan.tensors), default=0) + piece_buffer_bytes(n_inputs)
-    largest = max((t.nbytes // t.dtype.itemsize * 4 for t in plan.tensors), default=0)
-    return largest * (n_inputs + 2)
+    """The streaming loop's host memory (``memory.streaming_bytes``): all that headers tell, so
+    what the hub's preflight shows before downloading; a dry run adds the baseline, calibration
+    and the rest (``estimate_dry_run``)."""
+    return streaming_bytes(plan, n_inputs, pieces)
+
+
+def estimate_dry_run(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, pieces: bool,
+                     output: str) -> MemoryEstimate:
+    """Every part of the run's peak host memory (``deltafix.engine.memory``), for ``--dry-run``."""
+    params = opts.params
+    tune = opts.front or (method.tune is not None and getattr(params, method.tune.param) == "auto")
+    hessians = method.needs_hessian and output == "full"
+    return estimate_memory(plan, len(inputs.readers), pieces, method, params, aligned=inputs.aligned.folder,
+                           finetuned=inputs.finetuned.folder, safety_data=opts.safety_data,
+                           utility_data=opts.utility_data, utility_samples=opts.utility_samples,
+                           screen_utility=opts.screen_utility, no_cache=opts.no_cache, tune=tune,
+                           calibrates=hessians)
 
 
 def _input_record(ref: ResolvedRef, reader: TensorIndex, digests: dict[Path, Future[str]]) -> dict[str, Any]:
@@ -159,6 +176,8 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers), pieces),
                           output_kind=output_kind(method, inputs, opts.as_full))
     if opts.dry_run:
+        result.memory = estimate_dry_run(opts, method, inputs, plan, pieces, result.output_kind)
+        result.peak_estimate_bytes = result.memory.peak_bytes
         return result
 
     remove_stale(opts.out)

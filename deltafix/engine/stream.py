@@ -304,12 +304,6 @@ def piece_workers() -> int:
     return max(1, min(MAX_PIECE_WORKERS, usable_cores()))
 
 
-def piece_buffer_bytes(n_inputs: int) -> int:
-    """Host bytes the workers hold: an fp32 piece buffer per input, plus the mapped window of each
-    input (at most 4 bytes an element) counted in RSS while a job runs."""
-    return piece_workers() * CPU_PIECE * n_inputs * 4 * (1 + MAX_WINDOW_PIECES)
-
-
 def streams_in_pieces(method: Method, params: MethodParams, readers: dict[str, TensorIndex]) -> bool:
     """Elementwise for these params, and every input a plain checkpoint (an adapter overlay
     materialises each merged weight anyway)."""

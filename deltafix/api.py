@@ -112,8 +112,8 @@ def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | 
 
     The report is the dict written to ``OUT/deltafix_report.json``; with ``dry_run`` nothing is
     written and the dict is the plan instead (``dry_run``, ``method``, ``output_kind``,
-    ``parameters``, ``tensors``, ``linear_modules``, ``shards``, ``estimated_peak_bytes``,
-    ``notes``), what ``deltafix repair --dry-run --json`` prints. Every keyword has the meaning of
+    ``parameters``, ``tensors``, ``linear_modules``, ``shards``, ``estimated_peak_bytes`` and its parts
+    ``memory``, ``notes``), what ``deltafix repair --dry-run --json`` prints. Every keyword has the meaning of
     the ``deltafix repair`` flag of that name; ``params`` are the method's parameters, e.g.
     ``scale=0.1`` or ``mu="auto"``, and ``overrides`` the same as a mapping (``--set``, for a name
     that is also a keyword here). The note the command line prints when it picks the method goes
@@ -139,7 +139,9 @@ def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | 
         data = {"dry_run": True, "method": name, "output_kind": result.output_kind,
                 "parameters": method_params.model_dump(mode="json"), "tensors": len(result.plan.tensors),
                 "linear_modules": len(result.plan.linear_names), "shards": shards,
-                "estimated_peak_bytes": result.peak_estimate_bytes, "notes": result.plan.notes}
+                "estimated_peak_bytes": result.peak_estimate_bytes,
+                "memory": result.memory.as_dict() if result.memory is not None else None,
+                "notes": result.plan.notes}
     else:
         data = dict(result.report)
     if note is not None:

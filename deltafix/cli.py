@@ -179,7 +179,12 @@ def repair(
         lines = [f"plan: {data['method']} on {data['tensors']} tensors "
                  f"({data['linear_modules']} decoder Linear weights), {data['output_kind']} output",
                  *(f"  {s['file']}: {s['tensors']} tensors, {_human_bytes(s['bytes'])}" for s in data["shards"]),
-                 f"estimated peak memory: {_human_bytes(data['estimated_peak_bytes'])}",
+                 f"estimated peak memory: {_human_bytes(data['estimated_peak_bytes'])} = baseline "
+                 f"{_human_bytes(data['memory']['baseline_bytes'])} + its largest phase, "
+                 f"{data['memory']['peak_phase']}",
+                 *(f"  {p['phase']}: {p['name']} {_human_bytes(p['bytes'])}, {p['what']}"
+                   for p in data["memory"]["parts"]),
+                 *(f"  ({n})" for n in data["memory"]["notes"]),
                  *(f"note: {n}" for n in data["notes"]), "dry run: nothing written"]
         emit(as_json, data, "\n".join(lines))
         return

@@ -16,7 +16,7 @@ baseline is most of the peak (about 250 MB for Python with torch, 350 MB with th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from deltafix.engine import stream
+from deltafix.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -84,24 +85,6 @@ class MemoryEstimate:
         return {"peak_bytes": self.peak_bytes, "baseline_bytes": self.baseline_bytes,
                 "peak_phase": self.peak_phase, "phases": self.phase_bytes(),
                 "parts": [asdict(p) for p in self.parts], "notes": list(self.notes)}
-
-
-def memory_lines(memory: dict[str, Any], size: Callable[[float], str]) -> list[str]:
-    """The dry-run summary's lines under "estimated peak memory": the sum, then each phase's parts.
-
-    Takes the JSON form (``MemoryEstimate.as_dict``) so that the command line renders what the
-    API returns; ``size`` formats bytes.
-    """
-    phases = memory["phases"]
-    lines = [f"  = baseline {size(memory['baseline_bytes'])}"
-             + (f" + the largest phase, {memory['peak_phase']} ({size(phases[memory['peak_phase']])})"
-                if memory["peak_phase"] else "")]
-    for phase in [BASELINE, *phases]:
-        total = memory["baseline_bytes"] if phase == BASELINE else phases[phase]
-        lines.append(f"  {phase}: {size(total)}")
-        lines += [f"    {p['name']} {size(p['bytes'])}: {p['what']}" for p in memory["parts"] if p["phase"] == phase]
-    lines += [f"  ({note})" for note in memory["notes"]]
-    return lines
 
 
 # --- the baseline ---------------------------------------------------------------------------
@@ -387,13 +370,17 @@ def estimate_memory(plan: Plan, n_inputs: int, pieces: bool, method: Method, par
         shape = model_shape(skeleton)
     if calibrates:
         assert shape is not None
-        safety, user = calibration_batches(aligned, finetuned, safety_data, utility_data, utility_samples,
-                                           method.needs_utility)
-        if method.needs_utility and screen_utility and utility_data is not None:
+        try:
+            safety, user = calibration_batches(aligned, finetuned, safety_data, utility_data, utility_samples,
+                                               method.needs_utility)
+        except InputError as err:  # the run will refuse it; a dry run only plans and says so
+            estimate.notes.append(f"calibration not counted: {err}")
+            safety, user = [], []
+        if method.needs_utility and screen_utility and user:
             add_screen(estimate, shape, user)
         if sequential:
             add_sequential(estimate, shape, safety, user)
-        else:
+        elif safety:
             add_capture(estimate, shape, safety, "calibrate safety")
             if user:
                 add_capture(estimate, shape, user, "calibrate utility")

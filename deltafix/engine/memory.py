@@ -4,8 +4,8 @@ A run goes through phases that never overlap: screening the user's data (A loade
 generating), calibration (one decoder layer at a time, ``deltafix.calibration.capture``), the
 sequential solve (``deltafix.engine.sequential``), the streaming repair (``deltafix.engine.stream``),
 and, with an ``auto`` knob or ``--front``, a probe model beside the stream. The peak is the process
-baseline plus the largest phase; each part below is one function that says what it counts, read
-off the code that allocates it. Every byte counted is host memory: on an accelerator the
+baseline plus the largest phase; each phase below is one function (``add_*``) whose docstring
+says what its parts count, read off the code that allocates them. Every byte counted is host memory: on an accelerator the
 activations, layers and Grams live on the device instead, so the host figure is then an upper bound.
 
 The baseline is measured, not modelled: the RSS of this process now, plus what importing the

@@ -25,7 +25,19 @@ RECIPE_NAME = "deltafix_recipe.yaml"
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives ``exec``, so a repair started from a large
+    parent (a test runner, a notebook) would report the parent's peak as its own. Elsewhere
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

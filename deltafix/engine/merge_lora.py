@@ -134,7 +134,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
     with atomic_output(opts.out) as tmp:
         if opts.as_adapter:
             merge_adapters(user, reinforce, opts.alpha, opts.scale).write(tmp)
-            copy_assets([user_folder], tmp)
+            assets = copy_assets([user_folder], tmp)
         else:
             specs = [TensorSpec(n, base.info(n).shape, base.info(n).dtype) for n in base.names]
             with ShardedWriter(tmp, ShardPlan.build(specs, opts.shard_size),
@@ -142,7 +142,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
                 for spec in tqdm(specs, desc="merge-lora", unit="tensor", disable=None if opts.progress else True):
                     writer.add(spec.name, _merged(spec.name, base, user, reinforce, opts, spec.dtype))
                 writer.finish()
-            copy_assets([user_folder, base_ref.folder], tmp)
+            assets = copy_assets([user_folder, base_ref.folder], tmp)
         inputs = {
             "aligned": input_record(opts.base, base_ref.repo_id, base_ref.revision,
                                     {f.name: file_sha256(f) for f in base.files}),
@@ -152,7 +152,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
         }
         report = run_report(
             command=opts.command, method=MERGE_METHOD, parameters={"alpha": opts.alpha, "scale": opts.scale},
-            inputs=inputs, output={"kind": "adapter" if opts.as_adapter else "full"},
+            inputs=inputs, output={"kind": "adapter" if opts.as_adapter else "full", **assets.report_entry()},
             modules={name: {"user": name in user.modules, "reinforce": name in reinforce.modules}
                      for name in sorted(set(user.modules) | set(reinforce.modules))},
             started=started,

@@ -337,9 +337,10 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
                 if stats is not None:
                     modules[spec.name] = stats
             writer.finish()
-        copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp, weights_dtype=resolve_dtype(opts.dtype))
+        assets = copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp,
+                             weights_dtype=resolve_dtype(opts.dtype))
         report = _report(opts, inputs, plan, shards, modules, digests, started)
-        report["output"]["kind"] = "full"
+        report["output"].update(kind="full", **assets.report_entry())
         if hessians.safety is not None or hessians.sequential is not None:
             report["calibration"] = hessians.summary()
         if tuning is not None:
@@ -361,9 +362,9 @@ def _repair_adapter_into(opts: RepairOptions, method: Method, inputs: Inputs, pl
                                               device, opts.progress, check_finite=not opts.allow_nonfinite)
     with atomic_output(opts.out) as tmp:
         finetuned.adapter.write(tmp, factors)
-        copy_assets([inputs.finetuned.folder], tmp)
+        assets = copy_assets([inputs.finetuned.folder], tmp)
         report = _report(opts, inputs, plan, shards, modules, digests, started)
-        report["output"] = {"kind": "adapter", "files": sorted(p.name for p in tmp.iterdir())}
+        report["output"] = {"kind": "adapter", "files": sorted(p.name for p in tmp.iterdir()), **assets.report_entry()}
         _write_provenance(tmp, report, method, opts, inputs)
     return report
 

@@ -68,7 +68,8 @@ def model_card(report: Mapping[str, Any], *, adapter: bool = False,
     data = card_metadata(report, adapter=adapter, license_fields=license_fields)
     body = "\n\n".join(
         part for part in (
-            _summary(report, adapter), _inputs(report), _method(report), _tuning(report), _result(report),
+            _summary(report, adapter), _custom_code(report), _inputs(report), _method(report), _tuning(report),
+            _result(report),
             _gate(report), _notes(report), _reproduce(report),
         ) if part
     )
@@ -186,6 +187,25 @@ def _summary(report: Mapping[str, Any], adapter: bool) -> str:
         f"`{report['method']}` method, edited from the weights alone and written as {kind} that loads "
         "exactly like the fine-tune."
     )
+
+
+def _custom_code(report: Mapping[str, Any]) -> str:
+    """How to load an output whose config has an ``auto_map``: transformers runs the model's own code
+    only with ``trust_remote_code=True``, which the reader should pass after reading that code.
+    deltafix copied it unread and unrun, so the card cannot vouch for it."""
+    code = (report.get("output") or {}).get("custom_code")
+    if not code:
+        return ""
+    files = ", ".join(f"`{name}`" for name in code["files"]) or "the code it names"
+    text = (f"## Custom code\n\nThis model uses custom code (`auto_map`): load it with `trust_remote_code=True` "
+            f"after reviewing {files}.")
+    if code["other_repos"]:
+        text += (" Its `auto_map` also names code in other repositories, which transformers downloads when "
+                 "loading: " + ", ".join(f"`{repo}`" for repo in code["other_repos"]) + ".")
+    if code["missing"]:
+        text += (" These modules it names were not in the input folder, so loading needs them added: "
+                 + ", ".join(f"`{name}`" for name in code["missing"]) + ".")
+    return text
 
 
 def _role(role: str, record: Mapping[str, Any]) -> str:

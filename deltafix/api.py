@@ -21,10 +21,11 @@ themselves are pure functions in ``deltafix.methods`` (e.g. ``deltafix.methods.s
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
-from deltafix.errors import OptionError
+from deltafix.errors import InputError, OptionError
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE,
                               EVAL_MAX_NEW_TOKENS, OUT_SHARD_SIZE, UTILITY_SAMPLES)
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from deltafix.evaluation.gate import GateReport
     from deltafix.hub.push import HubResult
     from deltafix.methods import MethodParams
+    from deltafix.options import Recipe
 
 PathLike = str | Path
 Echo = Callable[[str], None]
@@ -99,7 +101,46 @@ def _call(name: str, *args: PathLike, **kwargs: Any) -> str:
     return f"deltafix.{name}({', '.join(words)})"
 
 
-def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | None = None,
+RERUN_KEYWORDS = ("device", "dtype", "out_shard_size", "utility_samples", "screen_utility", "unaligned_kind",
+                  "allow_nonfinite", "as_full", "front")
+"""``repair`` keywords a recipe's ``run:`` section sets: those that change the output's bits."""
+
+
+def _from_recipe(recipe: Recipe, values: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+    """``values`` (``repair``'s keywords) with what ``recipe`` recorded in place of each not ``given``,
+    plus the hashes the pipeline checks (``expect_inputs``, ``expect_data``) and the recorded
+    refs. A Hub input is read at its recorded commit; a local one at its recorded path, which must
+    still resolve (a relative one from the current folder, as the flag would)."""
+    from deltafix.options import BUILTIN_DATA
+
+    values = {**values, "expect_inputs": {}, "expect_data": {}, "recorded_refs": {}}
+    for role, spec in recipe.inputs.items():
+        if role in given:
+            continue
+        if spec.repo_id and spec.revision:
+            values[role] = f"{spec.repo_id}@{spec.revision}"
+            values["recorded_refs"][role] = spec.ref
+        elif Path(spec.ref).expanduser().exists():
+            values[role] = spec.ref
+        else:
+            raise InputError(f"the recipe's {role} input {spec.ref} does not resolve from {Path.cwd()}; "
+                             f"run from the folder the recipe was written in, or pass --{role} PATH.")
+        values["expect_inputs"][role] = spec.files
+    for role, data in recipe.data.items():
+        if role in given:
+            continue
+        if role != "tune_prompts":  # a method parameter: the recipe's parameters carry its path
+            values[role] = None if data.path == BUILTIN_DATA else data.path
+        values["expect_data"][role] = data.sha256
+    for name in RERUN_KEYWORDS:
+        recorded = getattr(recipe.run, name)
+        if name not in given and recorded is not None:
+            values[name] = recorded
+    return values
+
+
+def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out: PathLike | None = None, *,
+           method: str | None = None,
            recipe: PathLike | None = None, unaligned: PathLike | None = None, unaligned_kind: str | None = None,
            safety_data: PathLike | None = None, utility_data: PathLike | None = None,
            utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = DEVICE,
@@ -107,7 +148,7 @@ def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | 
            dry_run: bool = False, allow_nonfinite: bool = False, as_full: bool = False, no_cache: bool = False,
            cache_dir: PathLike | None = None, front: bool = False, overrides: Mapping[str, Any] | None = None,
            progress: bool = False, echo: Echo | None = None, command: str | None = None,
-           **params: Any) -> dict[str, Any]:
+           given: Collection[str] | None = None, **params: Any) -> dict[str, Any]:
     """Repair ``finetuned`` against ``base`` into ``out`` and return the report.
 
     The report is the dict written to ``OUT/deltafix_report.json``; with ``dry_run`` nothing is
@@ -119,19 +160,47 @@ def repair(base: PathLike, finetuned: PathLike, out: PathLike, *, method: str | 
     that is also a keyword here). The note the command line prints when it picks the method goes
     to ``echo``, or without one into the result's ``notes``. ``command`` is what the report and
     card record as the invocation (default: this call).
+
+    A recipe written into an earlier OUT (``OUT/deltafix_recipe.yaml``) also records that run's
+    inputs, data and run options: ``repair(None, None, "NEW", recipe=...)`` reruns it bit for bit,
+    after checking that every input and data file still has the recorded SHA-256 (an
+    ``InputError`` names the file that changed). Keywords in ``given`` (the command line passes the
+    flags it was given; by default, those that differ from their defaults) override the recipe.
+    ``base`` and ``finetuned`` may be left out only then; ``out`` is always needed.
     """
     from deltafix.engine.pipeline import RepairOptions, run_repair
+    from deltafix.options import load_recipe
 
     values = {**(overrides or {}), **params}
-    name, method_params, note = _method(method, recipe, values, utility_data, echo)
+    kw = {"base": base, "finetuned": finetuned, "unaligned": unaligned, "unaligned_kind": unaligned_kind,
+          "safety_data": safety_data, "utility_data": utility_data, "utility_samples": utility_samples,
+          "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
+          "allow_nonfinite": allow_nonfinite, "as_full": as_full, "front": front}
+    if given is None:
+        defaults = {key: p.default for key, p in inspect.signature(repair).parameters.items()}
+        given = {key for key, value in kw.items() if value is not None and value != defaults[key]}
+    given = {*given, *values}  # a --set tune_prompts=FILE replaces the recipe's tune prompts
+    pins: dict[str, Any] = {}
+    if recipe:
+        kw = _from_recipe(load_recipe(Path(recipe)), kw, given)
+        pins = {key: kw.pop(key) for key in ("expect_inputs", "expect_data", "recorded_refs")}
+    if out is None:
+        raise OptionError("--out is missing: pass the folder to write the repaired checkpoint to.")
+    for role in ("base", "finetuned"):
+        if kw[role] is None:
+            raise OptionError(f"--{role} is missing: pass it, or --recipe OUT/deltafix_recipe.yaml of an earlier "
+                              "repair, which records its inputs.")
+    name, method_params, note = _method(method, recipe, values, kw["utility_data"], echo)
     result = run_repair(RepairOptions(
-        base=str(base), finetuned=str(finetuned), out=Path(out), method=name, params=method_params,
-        unaligned=_ref(unaligned), unaligned_kind=unaligned_kind, safety_data=_path(safety_data),
-        utility_data=_path(utility_data), utility_samples=utility_samples, screen_utility=screen_utility,
-        device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size), overwrite=overwrite, dry_run=dry_run,
-        allow_nonfinite=allow_nonfinite, as_full=as_full, hessian_cache=_path(cache_dir), no_cache=no_cache,
-        command=command or _call("repair", base, finetuned, out, method=name, **values), progress=progress,
-        front=front,
+        base=str(kw["base"]), finetuned=str(kw["finetuned"]), out=Path(out), method=name, params=method_params,
+        unaligned=_ref(kw["unaligned"]), unaligned_kind=kw["unaligned_kind"], safety_data=_path(kw["safety_data"]),
+        utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
+        screen_utility=kw["screen_utility"], device=kw["device"], dtype=kw["dtype"],
+        shard_size=_shard_bytes(kw["out_shard_size"]), overwrite=overwrite, dry_run=dry_run,
+        allow_nonfinite=kw["allow_nonfinite"], as_full=kw["as_full"], hessian_cache=_path(cache_dir),
+        no_cache=no_cache, command=command or _call("repair", kw["base"], kw["finetuned"], out, method=name,
+                                                    **values),
+        progress=progress, front=kw["front"], **pins,
     ))
     if dry_run:
         shards = [{"file": result.shards.file_name(i), "tensors": len(s), "bytes": sum(t.nbytes for t in s)}

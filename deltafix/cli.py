@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import typer
+from typer._click.exceptions import MissingParameter  # typer vendors click (pinned <0.30): its usage errors
 from typer.exceptions import TyperException
 
 from deltafix import __version__, api
@@ -130,9 +131,13 @@ def invocation() -> str:
 
 @app.command()
 def repair(
-    base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id org/name[@rev]."),
-    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F (full checkpoint folder or Hub id)."),
-    out: Path = typer.Option(..., "--out", help="Output folder for the repaired checkpoint R."),
+    ctx: typer.Context,
+    base: Optional[str] = typer.Option(None, "--base", show_default="the --recipe's, if it records inputs",
+                                       help="Aligned base model A: local folder or Hub id org/name[@rev]."),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", show_default="the --recipe's, if it records inputs",
+                                            help="Fine-tuned model F (full checkpoint folder or Hub id)."),
+    out: Optional[Path] = typer.Option(None, "--out", show_default="required",
+                                       help="Output folder for the repaired checkpoint R."),
     method: Optional[str] = METHOD_OPTION,
     unaligned: Optional[str] = UNALIGNED_OPTION,
     unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
@@ -140,7 +145,12 @@ def repair(
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
     screen_utility: bool = SCREEN_OPTION,
-    recipe: Optional[Path] = RECIPE_OPTION,
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="YAML recipe (method and parameters): a file, or the name of a shipped recipe "
+        "(asft, regmean, resta, safedelta, safelora: every parameter at its default, documented). An earlier "
+        "OUT/deltafix_recipe.yaml also records the inputs, data and run options: with only --out it reruns that "
+        "repair bit for bit, refusing an input or data file whose sha256 changed; flags given here override "
+        "the recipe's values."),
     set_: list[str] = SET_OPTION,
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
@@ -166,14 +176,20 @@ def repair(
 
     F may be a full checkpoint or a PEFT LoRA adapter folder. An adapter stays an adapter with
     asft and safelora (B <- M B); other methods, DoRA adapters and --as-full give a full checkpoint.
+    Rerun an earlier repair with --recipe OLD/deltafix_recipe.yaml --out NEW; flags given override
+    the recipe.
     """
+    for name, value in (("base", base), ("finetuned", finetuned), ("out", out)):
+        if value is None and (name == "out" or recipe is None):  # with a recipe, the API says what is missing
+            raise MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
+    given = [p.name for p in ctx.command.params if p.name and _given(ctx, p.name)]
     data = api.repair(
         base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
         screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full, no_cache=no_cache,
         cache_dir=cache_dir, front=front, overrides=parse_sets(set_), progress=not as_json, echo=say,
-        command=invocation(),
+        command=invocation(), given=given,
     )
     if dry_run:
         lines = [f"plan: {data['method']} on {data['tensors']} tensors "
@@ -195,6 +211,13 @@ def repair(
              f"{totals['delta_norm_before']:.4g} -> {totals['delta_norm_after']:.4g}; wrote {written} to {out} "
              f"in {data['timings']['total_seconds']:.1f}s")
     emit(as_json, {"out": str(out), **data}, human)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or through its environment
+    variable) rather than leaving its default: only given flags override a recipe's values."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
 
 
 @app.command()

@@ -108,13 +108,65 @@ RECIPES: Traversable = resources.files("deltafix") / "recipes"
 """The shipped recipes, one per method, as package data (readable from a wheel or a zip)."""
 
 
+class RecipeInput(BaseModel):
+    """One model a repair read: the user's text, the Hub repo and commit it resolved to (Hub inputs
+    only), and the SHA-256 of each weight file, so a rerun can refuse an input that changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str
+    repo_id: str | None = None
+    revision: str | None = None
+    files: dict[str, str]
+
+
+class RecipeData(BaseModel):
+    """One data file a repair read: its path as the user gave it, or ``builtin`` for the packaged
+    set (whose hash still changes when a package upgrade changes the set), and its SHA-256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    sha256: str
+
+
+class RecipeRun(BaseModel):
+    """The run options that change the output's bits; None (or absent) leaves the option to the
+    command line or its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = None
+    dtype: str | None = None
+    out_shard_size: int | str | None = None
+    utility_samples: int | None = None
+    screen_utility: bool | None = None
+    unaligned_kind: str | None = None
+    allow_nonfinite: bool | None = None
+    as_full: bool | None = None
+    front: bool | None = None
+
+
+INPUT_ROLES = ("base", "finetuned", "unaligned")
+"""The recipe's ``inputs:`` keys, named like the flags that give them."""
+DATA_ROLES = ("safety_data", "utility_data", "tune_prompts")
+"""The recipe's ``data:`` keys: the two data flags and the ``tune_prompts`` parameter."""
+BUILTIN_DATA = "builtin"
+"""A ``data:`` path that means the set shipped with the package."""
+
+
 class Recipe(BaseModel):
-    """The YAML file: ``method: NAME`` and a ``parameters:`` mapping."""
+    """The YAML file: ``method: NAME`` and a ``parameters:`` mapping; a recipe written into OUT
+    also holds ``inputs:``, ``data:`` and ``run:``, so that ``--recipe OUT/deltafix_recipe.yaml``
+    reruns the whole job (the shipped recipes have only the first two)."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: str
     parameters: dict[str, Any] = {}
+    inputs: dict[Literal["base", "finetuned", "unaligned"], RecipeInput] = {}
+    data: dict[Literal["safety_data", "utility_data", "tune_prompts"], RecipeData] = {}
+    run: RecipeRun = RecipeRun()
 
 
 def builtin_recipe(name: str) -> Traversable | None:
@@ -174,11 +226,18 @@ def method_params(method: str, recipe: dict[str, Any], overrides: dict[str, Any]
         raise OptionError(f"method {method}: {_first_error(err, model)}.") from err
 
 
-def recipe_yaml(method: str, params: MethodParams) -> str:
-    """The effective recipe (every parameter, defaults included), loadable with ``--recipe``."""
-    return yaml.safe_dump(
-        {"method": method, "parameters": params.model_dump(mode="json")}, sort_keys=False
-    )
+def recipe_yaml(method: str, params: MethodParams, *, inputs: dict[str, RecipeInput] | None = None,
+                data: dict[str, RecipeData] | None = None, run: RecipeRun | None = None) -> str:
+    """The effective recipe (every parameter, defaults included), loadable with ``--recipe``; with
+    ``inputs``, ``data`` and ``run`` it reruns the job that wrote it (empty sections are left out)."""
+    document: dict[str, Any] = {"method": method, "parameters": params.model_dump(mode="json")}
+    if inputs:
+        document["inputs"] = {role: spec.model_dump(exclude_none=True) for role, spec in inputs.items()}
+    if data:
+        document["data"] = {role: spec.model_dump() for role, spec in data.items()}
+    if run is not None:
+        document["run"] = run.model_dump()
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def _first_error(err: ValidationError, model: type[BaseModel]) -> str:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deltafix import __version__
-from deltafix.options import recipe_yaml
+from deltafix.options import BUILTIN_DATA, RecipeData, RecipeInput, RecipeRun, recipe_yaml
 from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
 from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_cores
-from deltafix.errors import OptionError
+from deltafix.errors import InputError, OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
 from deltafix.engine.adapter import repair_adapter_factors
 from deltafix.io.assets import copy_assets
@@ -76,6 +76,18 @@ class RepairOptions:
     command: str = ""
     progress: bool = True
     front: bool = False
+    expect_inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per input role (``base``, ``finetuned``, ``unaligned``), the SHA-256 of each weight file a
+    recipe recorded: checked before any heavy work, so a rerun cannot silently read other weights."""
+    expect_data: dict[str, str] = field(default_factory=dict)
+    """Per data role (``safety_data``, ``utility_data``, ``tune_prompts``), the recorded SHA-256."""
+    recorded_refs: dict[str, str] = field(default_factory=dict)
+    """Per input role, the text a recipe recorded: a rerun reads a Hub input at its recorded commit
+    (``org/name@sha``) but writes the user's original text back, so its recipe equals the first."""
+
+
+INPUT_READERS = {"base": "aligned", "finetuned": "finetuned", "unaligned": "unaligned"}
+"""Recipe input role (the flag's name) -> the reader's role in ``Inputs.readers``."""
 
 
 @dataclass
@@ -102,6 +114,8 @@ class Inputs:
     finetuned: ResolvedRef
     unaligned: ResolvedRef | None
     readers: dict[str, TensorIndex]
+    data: dict[str, RecipeData] = field(default_factory=dict)
+    """The data files the run reads, by role, with their SHA-256 (``data_files``)."""
 
 
 def open_inputs(opts: RepairOptions) -> Inputs:
@@ -164,7 +178,9 @@ def run_repair(opts: RepairOptions) -> RepairResult:
             raise OptionError(f"--unaligned-kind {opts.unaligned_kind!r} is not one of {', '.join(UNALIGNED_KINDS)}.")
         if not opts.unaligned:
             raise OptionError("--unaligned-kind says what --unaligned is; pass --unaligned P too, or drop it.")
+    data = data_files(opts, method)
     inputs = open_inputs(opts)
+    inputs.data = data
     check_output_location(opts.out, [ref.folder for ref in (inputs.aligned, inputs.finetuned, inputs.unaligned)
                                      if ref is not None], opts.overwrite)
     out_dtype = resolve_dtype(opts.dtype)
@@ -195,6 +211,7 @@ def _write(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shar
     hasher = ThreadPoolExecutor(max_workers=min(MAX_HASH_THREADS, usable_cores()), thread_name_prefix="deltafix-sha256")
     try:
         digests = {f: hasher.submit(file_sha256, f) for r in inputs.readers.values() for f in r.files}
+        check_input_hashes(opts, inputs, digests)
         if result.output_kind == "adapter":
             result.report = _repair_adapter_into(opts, method, inputs, plan, shards, device, digests, started)
         else:
@@ -210,6 +227,56 @@ def _write(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shar
                 hessians.close()
     finally:
         hasher.shutdown(wait=False, cancel_futures=True)
+
+
+def data_files(opts: RepairOptions, method: Method) -> dict[str, RecipeData]:
+    """Each data file the run reads, as the recipe records it: the user's path (or ``builtin``)
+    and its SHA-256, checked against ``opts.expect_data``. A user's file is recorded whenever it is
+    given; a built-in set when the method reads it (safety data for a calibrated method, tune
+    prompts for an ``auto`` budget or a ``--front``). Small files: hashed here, before the inputs."""
+    from deltafix.calibration.render import default_safety_data
+    from deltafix.engine.autotune import default_tune_prompts
+
+    tune_file = getattr(opts.params, "tune_prompts", None)
+    tunes = opts.front or (method.tune is not None and getattr(opts.params, method.tune.param) == "auto")
+    wanted: dict[str, tuple[str, Path]] = {}
+    if opts.safety_data is not None or method.needs_hessian:
+        wanted["safety_data"] = (str(opts.safety_data), opts.safety_data) if opts.safety_data is not None \
+            else (BUILTIN_DATA, default_safety_data())
+    if opts.utility_data is not None:
+        wanted["utility_data"] = (str(opts.utility_data), opts.utility_data)
+    if tune_file is not None or tunes:
+        wanted["tune_prompts"] = (tune_file, Path(tune_file)) if tune_file is not None \
+            else (BUILTIN_DATA, default_tune_prompts())
+    records: dict[str, RecipeData] = {}
+    for role, (shown, path) in wanted.items():
+        expected = opts.expect_data.get(role)
+        if not path.is_file():
+            if expected is not None:
+                raise InputError(f"{role} {shown} from the recipe is no file here ({path.resolve()}); "
+                                 f"pass --{role.replace('_', '-')} FILE or run from the recipe's folder.")
+            continue  # the reader of this file says what is wrong with it, as without a recipe
+        digest = file_sha256(path)
+        if expected is not None and digest != expected:
+            raise InputError(f"{role} {path} changed since the recipe was written: sha256 {digest}, "
+                             f"the recipe has {expected}.")
+        records[role] = RecipeData(path=shown, sha256=digest)
+    return records
+
+
+def check_input_hashes(opts: RepairOptions, inputs: Inputs, digests: dict[Path, Future[str]]) -> None:
+    """Wait for the hashes of every input a recipe pinned and refuse one that changed, before any
+    heavy work: the report's hashing threads do the work, so a rerun hashes each file once."""
+    for role, expected in opts.expect_inputs.items():
+        files = {f.name: f for f in inputs.readers[INPUT_READERS[role]].files}
+        if sorted(files) != sorted(expected):
+            raise InputError(f"{role} holds weight files {', '.join(sorted(files))}, the recipe has "
+                             f"{', '.join(sorted(expected))}; it is not the input the recipe was written from.")
+        for name, path in files.items():
+            digest = digests[path].result()
+            if digest != expected[name]:
+                raise InputError(f"{role} file {path} changed since the recipe was written: sha256 {digest}, "
+                                 f"the recipe has {expected[name]}.")
 
 
 SCREEN_NOTE_SHARE = 0.25
@@ -371,7 +438,16 @@ def _repair_adapter_into(opts: RepairOptions, method: Method, inputs: Inputs, pl
 
 def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: RepairOptions,
                       inputs: Inputs) -> None:
-    write_provenance(tmp, report, recipe_yaml(method.name, opts.params), inputs.finetuned.folder)
+    refs = {"base": inputs.aligned, "finetuned": inputs.finetuned, "unaligned": inputs.unaligned}
+    recorded = {role: RecipeInput(ref=opts.recorded_refs.get(role, ref.ref), repo_id=ref.repo_id,
+                                  revision=ref.revision, files=report["inputs"][INPUT_READERS[role]]["files"])
+                for role, ref in refs.items() if ref is not None}
+    run = RecipeRun(device=str(resolve_device(opts.device)), dtype=opts.dtype, out_shard_size=opts.shard_size,
+                    utility_samples=opts.utility_samples, screen_utility=opts.screen_utility,
+                    unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
+                    allow_nonfinite=opts.allow_nonfinite, as_full=opts.as_full, front=opts.front)
+    recipe = recipe_yaml(method.name, opts.params, inputs=recorded, data=inputs.data, run=run)
+    write_provenance(tmp, report, recipe, inputs.finetuned.folder)
 
 
 def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
@@ -386,7 +462,8 @@ def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
     return run_report(
         command=opts.command, method=opts.method, parameters=opts.params.model_dump(mode="json"), inputs=records,
         output={"shards": [shards.file_name(i) for i in range(len(shards.shards))], "total_size": shards.total_bytes},
-        modules=modules, started=started, notes=plan.notes,
+        modules=modules, started=started, data={role: d.model_dump() for role, d in inputs.data.items()},
+        notes=plan.notes,
         totals={"tensors": len(plan.tensors), "linear_modules": len(modules),
                 "delta_norm_before": before, "delta_norm_after": after},
     )

@@ -19,6 +19,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from huggingface_hub import constants
+from test_hub import add_to_cache, commit_sha
+
 from deltafix import api
 from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
 from deltafix.options import load_recipe
@@ -125,6 +128,28 @@ def test_a_relative_input_that_no_longer_resolves_is_refused(copies: dict[str, P
     line = one_error_line(rerun(out / RECIPE_NAME, elsewhere / "NEW", cwd=elsewhere))
     assert "base input A does not resolve" in line and list(elsewhere.iterdir()) == []
     assert rerun(out / RECIPE_NAME, tmp_path / "NEW", cwd=work).returncode == 0
+
+
+def test_hub_inputs_rerun_at_the_recorded_commit(trio: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub inputs are recorded with their commit and reread there; the recipe keeps the ref as given."""
+    cache = tmp_path / "hf-cache"
+    for name in "PAF":
+        add_to_cache(cache, f"org/{name}", trio[name], commit_sha(name))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out, new = tmp_path / "R", tmp_path / "NEW"
+    api.repair("org/A", "org/F", out, method="resta", unaligned="org/P", device="cpu")
+    recipe = load_recipe(out / RECIPE_NAME)
+    assert recipe.inputs["finetuned"].model_dump() == {
+        "ref": "org/F", "repo_id": "org/F", "revision": commit_sha("F"),
+        "files": {"model.safetensors": recipe.inputs["finetuned"].files["model.safetensors"]}}
+    report = api.repair(None, None, new, recipe=out / RECIPE_NAME)
+    assert report["inputs"]["finetuned"]["ref"] == f"org/F@{commit_sha('F')}"
+    assert tensors_bytes(new) == tensors_bytes(out)
+    assert (new / RECIPE_NAME).read_text() == (out / RECIPE_NAME).read_text()
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def _call(name: str, *args: PathLike, **kwargs: Any) -> str:
 
 
 RERUN_KEYWORDS = ("device", "dtype", "out_shard_size", "utility_samples", "screen_utility", "unaligned_kind",
-                  "allow_nonfinite", "as_full", "front")
+                  "allow_nonfinite", "as_full", "as_lora", "front")
 """``repair`` keywords a recipe's ``run:`` section sets: those that change the output's bits."""
 
 
@@ -145,8 +145,9 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
            safety_data: PathLike | None = None, utility_data: PathLike | None = None,
            utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = DEVICE,
            dtype: str = DTYPE, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
-           dry_run: bool = False, allow_nonfinite: bool = False, as_full: bool = False, no_cache: bool = False,
-           cache_dir: PathLike | None = None, front: bool = False, overrides: Mapping[str, Any] | None = None,
+           dry_run: bool = False, allow_nonfinite: bool = False, as_full: bool = False, as_lora: int | None = None,
+           no_cache: bool = False, cache_dir: PathLike | None = None, front: bool = False,
+           overrides: Mapping[str, Any] | None = None,
            progress: bool = False, echo: Echo | None = None, command: str | None = None,
            given: Collection[str] | None = None, **params: Any) -> dict[str, Any]:
     """Repair ``finetuned`` against ``base`` into ``out`` and return the report.
@@ -175,7 +176,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     kw = {"base": base, "finetuned": finetuned, "unaligned": unaligned, "unaligned_kind": unaligned_kind,
           "safety_data": safety_data, "utility_data": utility_data, "utility_samples": utility_samples,
           "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
-          "allow_nonfinite": allow_nonfinite, "as_full": as_full, "front": front}
+          "allow_nonfinite": allow_nonfinite, "as_full": as_full, "as_lora": as_lora, "front": front}
     if given is None:
         defaults = {key: p.default for key, p in inspect.signature(repair).parameters.items()}
         given = {key for key, value in kw.items() if value is not None and value != defaults[key]}
@@ -197,7 +198,8 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
         utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
         screen_utility=kw["screen_utility"], device=kw["device"], dtype=kw["dtype"],
         shard_size=_shard_bytes(kw["out_shard_size"]), overwrite=overwrite, dry_run=dry_run,
-        allow_nonfinite=kw["allow_nonfinite"], as_full=kw["as_full"], hessian_cache=_path(cache_dir),
+        allow_nonfinite=kw["allow_nonfinite"], as_full=kw["as_full"], as_lora=kw["as_lora"],
+        hessian_cache=_path(cache_dir),
         no_cache=no_cache, command=command or _call("repair", kw["base"], kw["finetuned"], out, method=name,
                                                     **values),
         progress=progress, front=kw["front"], **pins,

@@ -162,6 +162,10 @@ def repair(
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
                                       "could keep an adapter (asft, safelora)."),
+    as_lora: Optional[int] = typer.Option(None, "--as-lora", metavar="RANK", show_default="a full checkpoint",
+                                          help="Write the repaired delta of each decoder Linear as a PEFT LoRA "
+                                               "adapter on A, truncated to RANK by SVD; the report gives the "
+                                               "relative error per module. Norms and embeddings stay at A's."),
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Compute calibration Hessians afresh; neither read nor write the cache."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", show_default="<deltafix cache>/hessians",
@@ -187,7 +191,8 @@ def repair(
         base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
         screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
-        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full, no_cache=no_cache,
+        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full, as_lora=as_lora,
+        no_cache=no_cache,
         cache_dir=cache_dir, front=front, overrides=parse_sets(set_), progress=not as_json, echo=say,
         command=invocation(), given=given,
     )
@@ -206,6 +211,8 @@ def repair(
         return
     output, totals = data["output"], data["totals"]
     written = ("a LoRA adapter (B <- M B, same rank and config)" if output["kind"] == "adapter"
+               else f"a rank-{output['rank']} LoRA adapter on the base (relative error "
+                    f"{totals['lora_relative_error']:.3g})" if output["kind"] == "lora"
                else f"a full checkpoint ({len(output['shards'])} shard(s), {_human_bytes(output['total_size'])})")
     human = (f"repaired with {data['method']}: {totals['linear_modules']} Linear weights, delta norm "
              f"{totals['delta_norm_before']:.4g} -> {totals['delta_norm_after']:.4g}; wrote {written} to {out} "

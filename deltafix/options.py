@@ -144,6 +144,7 @@ class RecipeRun(BaseModel):
     unaligned_kind: str | None = None
     allow_nonfinite: bool | None = None
     as_full: bool | None = None
+    as_lora: int | None = None
     front: bool | None = None
 
 

@@ -24,6 +24,7 @@ from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_co
 from deltafix.errors import InputError, OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
 from deltafix.engine.adapter import repair_adapter_factors
+from deltafix.engine.extract import check_rank, extract_lora, say_what_the_adapter_left_out
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
@@ -71,6 +72,9 @@ class RepairOptions:
     dry_run: bool = False
     allow_nonfinite: bool = False
     as_full: bool = False
+    as_lora: int | None = None
+    """Write the repaired delta of each decoder Linear as a rank-``as_lora`` LoRA adapter on A
+    (``deltafix.engine.extract``); None writes the full checkpoint."""
     hessian_cache: Path | None = None
     no_cache: bool = False
     command: str = ""
@@ -153,7 +157,7 @@ def estimate_dry_run(opts: RepairOptions, method: Method, inputs: Inputs, plan: 
     """Every part of the run's peak host memory (``deltafix.engine.memory``), for ``--dry-run``."""
     params = opts.params
     tune = opts.front or (method.tune is not None and getattr(params, method.tune.param) == "auto")
-    hessians = method.needs_hessian and output == "full"
+    hessians = method.needs_hessian and output != "adapter"
     return estimate_memory(plan, len(inputs.readers), pieces, method, params, aligned=inputs.aligned.folder,
                            finetuned=inputs.finetuned.folder, safety_data=opts.safety_data,
                            utility_data=opts.utility_data, utility_samples=opts.utility_samples,
@@ -168,6 +172,7 @@ def _input_record(ref: ResolvedRef, reader: TensorIndex, digests: dict[Path, Fut
 def run_repair(opts: RepairOptions) -> RepairResult:
     """Validate everything, then (unless dry-run) stream the repair into OUT atomically."""
     started = time.perf_counter()
+    check_rank(opts.as_lora, opts.as_full)
     method = get_method(opts.method)
     if method.needs_unaligned and not opts.unaligned:
         raise OptionError(
@@ -190,7 +195,8 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     shards = ShardPlan.build([TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors], opts.shard_size)
     pieces = streams_in_pieces(method, opts.params, inputs.readers)
     result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers), pieces),
-                          output_kind=output_kind(method, inputs, opts.as_full))
+                          output_kind="lora" if opts.as_lora is not None
+                          else output_kind(method, inputs, opts.as_full))
     if opts.dry_run:
         result.memory = estimate_dry_run(opts, method, inputs, plan, pieces, result.output_kind)
         result.peak_estimate_bytes = result.memory.peak_bytes
@@ -398,16 +404,24 @@ def _repair_into(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan
     stream = repaired_tensors(method, opts.params, inputs.readers, plan, device,
                               check_finite=not opts.allow_nonfinite, hessians=hessians, progress=opts.progress)
     with atomic_output(opts.out) as tmp:
-        with ShardedWriter(tmp, shards, metadata) as writer, contextlib.closing(stream):
-            for spec, tensor, stats in stream:
-                writer.add(spec.name, tensor)
-                if stats is not None:
-                    modules[spec.name] = stats
-            writer.finish()
-        assets = copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp,
-                             weights_dtype=resolve_dtype(opts.dtype))
-        report = _report(opts, inputs, plan, shards, modules, digests, started)
-        report["output"].update(kind="full", **assets.report_entry())
+        if opts.as_lora is not None:  # an adapter on A: no config.json, which would make OUT a full model
+            extracted = extract_lora(stream, inputs.readers["aligned"], opts.as_lora,
+                                     opts.recorded_refs.get("base", inputs.aligned.ref), device, tmp)
+            report = _report(opts, inputs, plan, shards, extracted.modules, digests, started)
+            report["output"] = extracted.output_entry(tmp)
+            report["totals"]["lora_relative_error"] = extracted.relative_error
+            say_what_the_adapter_left_out(extracted.not_in_adapter)
+        else:
+            with ShardedWriter(tmp, shards, metadata) as writer, contextlib.closing(stream):
+                for spec, tensor, stats in stream:
+                    writer.add(spec.name, tensor)
+                    if stats is not None:
+                        modules[spec.name] = stats
+                writer.finish()
+            assets = copy_assets([inputs.finetuned.folder, inputs.aligned.folder], tmp,
+                                 weights_dtype=resolve_dtype(opts.dtype))
+            report = _report(opts, inputs, plan, shards, modules, digests, started)
+            report["output"].update(kind="full", **assets.report_entry())
         if hessians.safety is not None or hessians.sequential is not None:
             report["calibration"] = hessians.summary()
         if tuning is not None:
@@ -445,7 +459,8 @@ def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: R
     run = RecipeRun(device=str(resolve_device(opts.device)), dtype=opts.dtype, out_shard_size=opts.shard_size,
                     utility_samples=opts.utility_samples, screen_utility=opts.screen_utility,
                     unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
-                    allow_nonfinite=opts.allow_nonfinite, as_full=opts.as_full, front=opts.front)
+                    allow_nonfinite=opts.allow_nonfinite, as_full=opts.as_full, as_lora=opts.as_lora,
+                    front=opts.front)
     recipe = recipe_yaml(method.name, opts.params, inputs=recorded, data=inputs.data, run=run)
     write_provenance(tmp, report, recipe, inputs.finetuned.folder)
 

@@ -159,6 +159,10 @@ def repair(
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the plan, shard layout and memory estimate; write nothing."),
     allow_nonfinite: bool = NONFINITE_OPTION,
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Read pickle (.bin) weights: tensors only, by weights-only unpickling "
+                                           "(never runs code from the file; anything else is refused), converted "
+                                           "to safetensors in a temporary folder first."),
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
                                       "could keep an adapter (asft, safelora)."),
@@ -191,8 +195,8 @@ def repair(
         base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
         screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
-        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, as_full=as_full, as_lora=as_lora,
-        no_cache=no_cache,
+        overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+        as_full=as_full, as_lora=as_lora, no_cache=no_cache,
         cache_dir=cache_dir, front=front, overrides=parse_sets(set_), progress=not as_json, echo=say,
         command=invocation(), given=given,
     )

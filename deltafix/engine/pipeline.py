@@ -28,6 +28,7 @@ from deltafix.engine.extract import check_rank, extract_lora, say_what_the_adapt
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
+from deltafix.io.pickled import PickleCheckpoint, pickle_or
 from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.staging import remove_stale
@@ -71,6 +72,7 @@ class RepairOptions:
     overwrite: bool = False
     dry_run: bool = False
     allow_nonfinite: bool = False
+    allow_pickle: bool = False
     as_full: bool = False
     as_lora: int | None = None
     """Write the repaired delta of each decoder Linear as a rank-``as_lora`` LoRA adapter on A
@@ -126,13 +128,15 @@ def open_inputs(opts: RepairOptions) -> Inputs:
     refs = {"aligned": resolve_ref(opts.base), "finetuned": resolve_ref(opts.finetuned)}
     if opts.unaligned:
         refs["unaligned"] = resolve_ref(opts.unaligned)
-    aligned = CheckpointReader(refs["aligned"].folder)
+    aligned = pickle_or(refs["aligned"].folder, opts.allow_pickle, CheckpointReader)
+    assert isinstance(aligned, CheckpointReader)
     readers: dict[str, TensorIndex] = {
         "aligned": aligned,
-        "finetuned": open_finetuned(refs["finetuned"].folder, refs["aligned"].folder, aligned),
+        "finetuned": pickle_or(refs["finetuned"].folder, opts.allow_pickle,
+                               lambda folder: open_finetuned(folder, refs["aligned"].folder, aligned)),
     }
     if "unaligned" in refs:
-        readers["unaligned"] = CheckpointReader(refs["unaligned"].folder)
+        readers["unaligned"] = pickle_or(refs["unaligned"].folder, opts.allow_pickle, CheckpointReader)
     return Inputs(refs["aligned"], refs["finetuned"], refs.get("unaligned"), readers)
 
 
@@ -166,7 +170,10 @@ def estimate_dry_run(opts: RepairOptions, method: Method, inputs: Inputs, plan: 
 
 
 def _input_record(ref: ResolvedRef, reader: TensorIndex, digests: dict[Path, Future[str]]) -> dict[str, Any]:
-    return input_record(ref.ref, ref.repo_id, ref.revision, {f.name: digests[f].result() for f in reader.files})
+    record = input_record(ref.ref, ref.repo_id, ref.revision, {f.name: digests[f].result() for f in reader.files})
+    if isinstance(reader, PickleCheckpoint):  # the hashes are of the safetensors converted from these
+        record["converted_from_pickle"] = reader.pickle_files
+    return record
 
 
 def run_repair(opts: RepairOptions) -> RepairResult:

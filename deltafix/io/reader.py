@@ -233,8 +233,10 @@ class CheckpointReader:
         if len(found) > 1:
             raise InputError(f"{self.folder} holds several .safetensors files but no {INDEX_NAME}.")
         if any((self.folder / n).exists() for n in PICKLE_NAMES) or list(self.folder.glob("*.bin")):
-            raise InputError(f"{self.folder} has only pickle (.bin) weights, which can run code when loaded and "
-                             "which deltafix does not read; convert them to safetensors.")
+            raise InputError(f"{self.folder} has only pickle (.bin) weights, which can run code when loaded; "
+                             "pass --allow-pickle to `deltafix repair` to load their tensors only (weights-only "
+                             "unpickling, which never runs code from the file) into safetensors, or convert "
+                             "them to safetensors yourself.")
         raise InputError(f"{self.folder} contains no safetensors weights (model.safetensors or an index).")
 
     def _inside(self, shard: str, index: Path | None = None) -> Path:

@@ -298,7 +298,7 @@ def generate(
             bos_token_id=model.generation_config.bos_token_id,
         )
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=None if progress else True, leave=False):
             enc = tokenizer(
                 [texts[i] for i in batch], add_special_tokens=add_special, padding=True, return_tensors="pt"
             ).to(device)
@@ -329,7 +329,7 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     with _padding(tokenizer, "right"):
         batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
-        for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="perplexity", disable=None if progress else True, leave=False):
             enc = tokenizer(
                 list(batch), padding=True, truncation=True, max_length=limit, return_tensors="pt"
             ).to(device)

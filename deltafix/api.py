@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 from deltafix.errors import InputError, OptionError
-from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE,
+from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE, EVAL_JUDGE,
                               EVAL_MAX_NEW_TOKENS, OUT_SHARD_SIZE, UTILITY_SAMPLES)
 
 if TYPE_CHECKING:
     from deltafix.evaluation.evaluate import EvalResult
     from deltafix.evaluation.gate import GateReport
+    from deltafix.evaluation.judges import Judges, JudgeSpec
     from deltafix.hub.push import HubResult
     from deltafix.methods import MethodParams
     from deltafix.options import Recipe
@@ -246,34 +247,49 @@ Prompts = PathLike | Sequence[str] | None
 """A prompt file (JSONL with ``"prompt"``, or one a line), a list of prompts, or the built-in set."""
 
 
+def _judging(judge: str, refusal_label: str | None, unsafe_label: str | None,
+             max_new_tokens: int | str) -> tuple[JudgeSpec, int]:
+    """The judge and generation length asked for, checked before anything loads (``OptionError``)."""
+    from deltafix.evaluation.judges import JudgeSpec, resolve_max_new_tokens
+
+    return JudgeSpec(str(judge), refusal_label, unsafe_label), resolve_max_new_tokens(max_new_tokens)
+
+
 def _evaluate(model: PathLike, base: PathLike | None, harmful: Prompts, benign: Prompts, utility: PathLike | None,
-              max_new_tokens: int, batch_size: int, device: str, progress: bool) -> EvalResult:
+              judges: Judges, max_new_tokens: int, batch_size: int, device: str, progress: bool) -> EvalResult:
     """One model (a folder or Hub id, an adapter on ``base``) scored as ``deltafix eval`` scores it."""
     from deltafix.evaluation.evaluate import evaluate_folder
     from deltafix.io.refs import resolve_ref
 
     folder = resolve_ref(str(model)).folder
     return evaluate_folder(folder, base=resolve_ref(str(base)).folder if base else None, harmful=harmful,
-                           benign=benign, utility=utility, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           device=device, progress=progress)
+                           benign=benign, utility=utility, judge=judges.harmful, benign_judge=judges.benign,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, progress=progress)
 
 
 def evaluate(model: PathLike, *, harmful: Prompts = None, benign: Prompts = None, utility: PathLike | None = None,
-             base: PathLike | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+             base: PathLike | None = None, max_new_tokens: int | str = EVAL_MAX_NEW_TOKENS,
              batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
+             judge: str = EVAL_JUDGE, judge_refusal_label: str | None = None, judge_unsafe_label: str | None = None,
              progress: bool = False) -> EvalResult:
     """Score ``model`` as ``deltafix eval`` does and return its ``EvalResult``.
 
     The result holds the attack success rate, benign helpfulness, task accuracy and perplexity
-    (None where no data was given), their counts and seconds; ``to_dict()`` is what ``--json``
-    prints, and ``responses`` keeps every answer. ``answers`` also writes those answers as JSONL
-    (its folder is checked before any generation).
+    (None where no data was given), their counts and seconds, and the judge that decided them;
+    ``to_dict()`` is what ``--json`` prints, and ``responses`` keeps every answer. ``answers``
+    also writes those answers as JSONL (its folder is checked before any generation).
+    ``max_new_tokens`` is a count or a preset of ``deltafix.options.EVAL_NEW_TOKEN_PRESETS``;
+    ``judge`` is ``keyword`` or a text-classification model (folder or Hub id) with one of
+    ``judge_refusal_label`` / ``judge_unsafe_label`` (``deltafix.evaluation.judges``).
     """
     from deltafix.evaluation.evaluate import check_answers_path, write_answers
+    from deltafix.evaluation.judges import load_judges
 
+    spec, tokens = _judging(judge, judge_refusal_label, judge_unsafe_label, max_new_tokens)
     if answers is not None:
         check_answers_path(Path(answers))
-    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, progress)
+    judges = load_judges(spec, device, batch_size)
+    result = _evaluate(model, base, harmful, benign, utility, judges, tokens, batch_size, device, progress)
     if answers is not None:
         write_answers(Path(answers), {"model": result})
     return result
@@ -282,8 +298,9 @@ def evaluate(model: PathLike, *, harmful: Prompts = None, benign: Prompts = None
 def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLike | None = None,
          max_utility_drop: float | None = None, min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
          report: PathLike | None = None, harmful: Prompts = None, benign: Prompts = None,
-         utility: PathLike | None = None, base: PathLike | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+         utility: PathLike | None = None, base: PathLike | None = None, max_new_tokens: int | str = EVAL_MAX_NEW_TOKENS,
          batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
+         judge: str = EVAL_JUDGE, judge_refusal_label: str | None = None, judge_unsafe_label: str | None = None,
          progress: bool = False) -> GateReport:
     """Evaluate ``model`` (and ``reference``) and check the release thresholds, as ``deltafix gate``.
 
@@ -292,25 +309,29 @@ def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLi
     ``report`` also writes ``gate_record(...)`` there, the JSON the command prints. Thresholds
     are checked before any model is loaded; ``min_benign_help=0`` turns that check off, and
     ``max_utility_drop`` (default ``deltafix.options.DEFAULT_MAX_UTILITY_DROP``) applies with a
-    ``reference``, which needs ``utility`` data to compare on.
+    ``reference``, which needs ``utility`` data to compare on. ``max_new_tokens`` and the
+    ``judge`` keywords are ``evaluate``'s; one judge scores both models.
     """
     from deltafix.evaluation.evaluate import check_answers_path, write_answers
     from deltafix.evaluation.gate import check_thresholds
-    from deltafix.evaluation.gate import gate as judge
+    from deltafix.evaluation.gate import gate as verdict_of
+    from deltafix.evaluation.judges import load_judges
 
     check_thresholds(max_asr=max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
                      has_reference=reference is not None)
     if reference is not None and utility is None:
         raise OptionError("--reference is compared on task data: pass --utility FILE too, or drop --reference.")
+    spec, tokens = _judging(judge, judge_refusal_label, judge_unsafe_label, max_new_tokens)
     if answers is not None:
         check_answers_path(Path(answers))
-    result = _evaluate(model, base, harmful, benign, utility, max_new_tokens, batch_size, device, progress)
-    ref = _evaluate(reference, None, harmful, benign, utility, max_new_tokens, batch_size, device, progress) \
+    judges = load_judges(spec, device, batch_size)
+    result = _evaluate(model, base, harmful, benign, utility, judges, tokens, batch_size, device, progress)
+    ref = _evaluate(reference, None, harmful, benign, utility, judges, tokens, batch_size, device, progress) \
         if reference else None
     if answers is not None:
         write_answers(Path(answers), {"model": result, **({"reference": ref} if ref is not None else {})})
-    verdict = judge(result, max_asr=max_asr, reference=ref, max_utility_drop=max_utility_drop,
-                    min_benign_help=min_benign_help)
+    verdict = verdict_of(result, max_asr=max_asr, reference=ref, max_utility_drop=max_utility_drop,
+                         min_benign_help=min_benign_help)
     if report is not None:
         _write_json(Path(report), gate_record(verdict, model, reference))
     return verdict

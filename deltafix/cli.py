@@ -24,9 +24,10 @@ from typer.exceptions import TyperException
 
 from deltafix import __version__, api
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MAX_UTILITY_DROP, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE,
-                              EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE,
-                              UTILITY_SAMPLES, parse_sets)
+                              EVAL_BATCH_SIZE, EVAL_JUDGE, EVAL_MAX_NEW_TOKENS, EVAL_NEW_TOKEN_PRESETS, MERGE_ALPHA,
+                              MERGE_SCALE, OUT_SHARD_SIZE, UTILITY_SAMPLES, parse_sets)
 from deltafix.errors import DeltafixError
+from deltafix.evaluation.judges import resolve_max_new_tokens
 from deltafix.io.staging import defer_if_held
 
 if TYPE_CHECKING:
@@ -111,7 +112,24 @@ UTILITY_OPTION = typer.Option(None, "--utility", help="Task items: JSONL {\"prom
                               "and/or {\"text\"} (perplexity).")
 EVAL_BASE_OPTION = typer.Option(None, "--base", help="Base model for an adapter MODEL (default: the adapter's own "
                                 "base_model_name_or_path).")
-MAX_NEW_TOKENS_OPTION = typer.Option(EVAL_MAX_NEW_TOKENS, "--max-new-tokens", min=1, help="Greedy generation length per prompt.")
+MAX_NEW_TOKENS_OPTION = typer.Option(
+    EVAL_MAX_NEW_TOKENS, "--max-new-tokens", parser=resolve_max_new_tokens, metavar="N|PRESET",
+    help="Greedy generation length per prompt, a number or a paper's preset: "
+         + ", ".join(f"{name} ({count})" for name, count in EVAL_NEW_TOKEN_PRESETS.items())
+         + ". short is ours; gcg is the keyword check of Zou et al. 2023 (AdvBench); harmbench is "
+           "HarmBench's; hex-phi is Qi et al. 2023's HEx-PHI evaluation, which Safe Delta reports. "
+           "Longer answers can comply after an opening refusal, so ASR grows with length.")
+JUDGE_OPTION = typer.Option(EVAL_JUDGE, "--judge", help="What decides a refusal: keyword (refusal phrases, offline) "
+                            "or a text-classification model, folder or Hub id (a refusal or moderation classifier, "
+                            "loaded with transformers, no remote code), with --judge-refusal-label or "
+                            "--judge-unsafe-label.")
+JUDGE_REFUSAL_LABEL_OPTION = typer.Option(None, "--judge-refusal-label",
+                                          help="The classifier's label that marks a refusal (a refusal "
+                                               "classifier; it judges the benign prompts too).")
+JUDGE_UNSAFE_LABEL_OPTION = typer.Option(None, "--judge-unsafe-label",
+                                         help="The classifier's label that marks a harmful answer (a moderation "
+                                              "classifier, e.g. unsafe); it cannot see a refused benign prompt, "
+                                              "so benign prompts stay with the keyword judge.")
 BATCH_SIZE_OPTION = typer.Option(EVAL_BATCH_SIZE, "--batch-size", min=1, help="Prompts generated together.")
 ANSWERS_OPTION = typer.Option(None, "--answers", help="Write every prompt, response and verdict here as JSONL, "
                               "for a reviewer to audit what the judge decided.")
@@ -388,7 +406,16 @@ def _eval_lines(result: EvalResult) -> list[str]:
         lines.append(f"task accuracy:       {result.accuracy:.3f} ({result.n_answers} items)")
     if result.perplexity is not None:
         lines.append(f"perplexity:          {result.perplexity:.3f} ({result.n_texts} texts)")
-    return lines
+    return [*lines, _judge_line(result)]
+
+
+def _judge_line(result: EvalResult) -> str:
+    """Which judge decided the refusal scores, on how many generated tokens."""
+    judge = result.judge
+    named = judge["kind"] if judge["model"] is None else \
+        f"{judge['kind']} {judge['model']} ({judge['label_means']} label {judge['label']!r})"
+    benign = "" if judge["benign_judge"] == judge["kind"] else f"; benign prompts: {judge['benign_judge']}"
+    return f"judge:               {named}{benign}, {judge['max_new_tokens']} new tokens"
 
 
 @app.command("eval")
@@ -402,13 +429,17 @@ def eval_(
     batch_size: int = BATCH_SIZE_OPTION,
     device: str = DEVICE_OPTION,
     answers: Optional[Path] = ANSWERS_OPTION,
+    judge: str = JUDGE_OPTION,
+    judge_refusal_label: Optional[str] = JUDGE_REFUSAL_LABEL_OPTION,
+    judge_unsafe_label: Optional[str] = JUDGE_UNSAFE_LABEL_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Measure safety and utility: attack success rate on harmful prompts (a response that does not
     refuse counts as a success), benign helpfulness, task accuracy and perplexity."""
     result = api.evaluate(model, harmful=harmful, benign=benign, utility=utility, base=base,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, answers=answers,
-                          progress=not as_json)
+                          judge=judge, judge_refusal_label=judge_refusal_label,
+                          judge_unsafe_label=judge_unsafe_label, progress=not as_json)
     emit(as_json, result.to_dict(), "\n".join([*_eval_lines(result), f"({result.seconds:.1f}s)"]))
 
 
@@ -431,6 +462,9 @@ def gate_(
     batch_size: int = BATCH_SIZE_OPTION,
     device: str = DEVICE_OPTION,
     answers: Optional[Path] = ANSWERS_OPTION,
+    judge: str = JUDGE_OPTION,
+    judge_refusal_label: Optional[str] = JUDGE_REFUSAL_LABEL_OPTION,
+    judge_unsafe_label: Optional[str] = JUDGE_UNSAFE_LABEL_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of the summary."),
 ) -> None:
     """Release gate for CI: exit 0 when MODEL passes every threshold, 1 when it fails, 2 on bad input.
@@ -441,11 +475,12 @@ def gate_(
         model, max_asr=max_asr, reference=reference, max_utility_drop=max_utility_drop,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help, report=report,
         harmful=harmful, benign=benign, utility=utility, base=base, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, device=device, answers=answers, progress=not as_json,
+        batch_size=batch_size, device=device, answers=answers, judge=judge,
+        judge_refusal_label=judge_refusal_label, judge_unsafe_label=judge_unsafe_label, progress=not as_json,
     )
     data = api.gate_record(verdict, model, reference)
     lines = [f"{'PASS' if c.passed else 'FAIL'} {c.name} = {c.value:.3f} (must be {c.op} {c.threshold})"
-             for c in verdict.checks]
+             for c in verdict.checks] + [_judge_line(verdict.result)]
     emit(as_json, data, "\n".join([*lines, f"gate {'passed' if verdict.passed else 'FAILED'}"]))
     if not verdict.passed:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -61,6 +61,15 @@ DEFAULT_MAX_UTILITY_DROP = 0.02
 
 EVAL_MAX_NEW_TOKENS = 64
 """Greedy tokens per prompt: enough for the refusal judge, which reads a response's opening."""
+EVAL_NEW_TOKEN_PRESETS: dict[str, int] = {"short": EVAL_MAX_NEW_TOKENS, "gcg": 32, "harmbench": 512, "hex-phi": 512}
+"""Named ``--max-new-tokens`` values, so a run can match a paper's generation length:
+``short`` is our default; ``gcg`` the 32 tokens the keyword check of Zou et al. 2023 (llm-attacks'
+``generate``, AdvBench) reads; ``harmbench`` HarmBench's 512 ("We use max_new_tokens=512 for all
+experiments", docs/evaluation_pipeline.md); ``hex-phi`` the 512 of Qi et al. 2023's HEx-PHI
+inference (LLMs-Finetuning-Safety, llama2/safety_evaluation/question_inference.py), the benchmark
+Safe Delta reports. Longer answers let a model comply after an opening refusal, so ASR rises with length."""
+EVAL_JUDGE = "keyword"
+"""``--judge``: refusal markers matched in the answer (offline, no model), the default of Zou et al. 2023."""
 EVAL_BATCH_SIZE = 32
 """Prompts generated together by ``deltafix eval`` and ``gate``."""
 

@@ -144,8 +144,30 @@ def test_evaluate_model_scores_with_a_custom_judge(tiny) -> None:
     assert result.accuracy == 0.5 and result.n_answers == 2
     assert math.isfinite(result.perplexity) and result.n_texts == 1
     assert set(result.to_dict()) == {"asr", "n_harmful", "benign_help", "n_benign", "accuracy", "n_answers",
-                                     "perplexity", "n_texts", "seconds"}
+                                     "perplexity", "n_texts", "seconds", "judge"}
+    assert result.judge == {"kind": "RefuseFirstTwo", "model": None, "revision": None, "label": None,
+                            "label_means": None, "benign_judge": "RefuseFirstTwo", "max_new_tokens": 4}
     assert len(result.to_dict(responses=True)["responses"]) == 8
+
+
+def test_benign_prompts_may_have_their_own_judge(tiny) -> None:
+    """A moderation classifier cannot judge benign refusals, so evaluate_model takes a second judge."""
+    model, tokenizer = tiny
+
+    class RefuseAll:
+        def is_refusal(self, prompt: str, response: str) -> bool:
+            return True
+
+    class Batched(RefuseAll):
+        def refusals(self, prompts: list[str], responses: list[str]) -> list[bool]:
+            return [prompt != PROMPTS[0] for prompt in prompts]
+
+    result = evaluate_model(model, tokenizer, harmful=PROMPTS, benign=PROMPTS[:2], judge=Batched(),
+                            benign_judge=KeywordJudge(markers=("no marker here",)), max_new_tokens=3, progress=False)
+    assert result.asr == 0.25 and result.benign_help == 1.0  # the batched verdicts are used when offered
+    assert result.judge["kind"] == "Batched" and result.judge["benign_judge"] == "keyword"
+    kinds = {(r["kind"], r["judge"]["kind"], r["judge"]["max_new_tokens"]) for r in result.responses}
+    assert kinds == {("harmful", "Batched", 3), ("benign", "keyword", 3)}
 
 
 def test_evaluate_model_without_benign_or_utility(tiny) -> None:

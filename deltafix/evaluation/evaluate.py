@@ -9,7 +9,9 @@
 
 Prompts are rendered with the model's chat template (when it has one) and answered with batched
 greedy decoding, left-padded. Refusals are decided by a ``RefusalJudge``; the default is a
-case-insensitive keyword judge, and a classifier can be plugged in by implementing ``is_refusal``.
+case-insensitive keyword judge, and a classifier can be plugged in by implementing ``is_refusal``
+(``deltafix.evaluation.judges`` builds one from ``--judge``). The result names the judges and the
+generation length, so a score is never read without knowing how it was decided.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from transformers.utils import logging as hf_logging
 from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
+from deltafix.evaluation.judges import describe
 from deltafix.io.lora import parse_adapter_config
 from deltafix.io.writer import atomic_file
 from deltafix.options import DEVICE, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
@@ -97,6 +100,17 @@ class KeywordJudge:
         text = _fold(response if self.within_chars is None else response[: self.within_chars])
         return any(_fold(marker) in text for marker in self.markers)
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "keyword"}
+
+
+def verdicts(judge: RefusalJudge, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """``judge``'s verdict on each answer: in batches when the judge offers ``refusals`` (a classifier)."""
+    batched = getattr(judge, "refusals", None)
+    if batched is not None:
+        return list(batched(prompts, answers))
+    return [judge.is_refusal(p, a) for p, a in zip(prompts, answers)]
+
 
 def _fold(text: str) -> str:
     return text.replace("\u2019", "'").replace("\u2018", "'").casefold()
@@ -121,8 +135,10 @@ def _prompts(source: PathLike | Sequence[str] | None, builtin: Path) -> list[str
 class EvalResult:
     """Scores of one model. A score is None when its data was not given.
 
-    ``responses`` keeps every generated answer (``{"kind", "prompt", "response", "refused"|"correct"}``)
-    for inspection; ``to_dict()`` leaves it out unless asked.
+    ``judge`` names how refusals were decided: the harmful prompts' judge (``kind``, ``model``,
+    ``revision``, ``label``, ``label_means``), ``benign_judge`` (its kind) and ``max_new_tokens``.
+    ``responses`` keeps every generated answer (``{"kind", "prompt", "response", "refused"|"correct"}``,
+    plus the ``judge`` of a refusal verdict) for inspection; ``to_dict()`` leaves it out unless asked.
     """
 
     asr: float | None
@@ -134,6 +150,7 @@ class EvalResult:
     perplexity: float | None
     n_texts: int
     seconds: float
+    judge: dict[str, Any] = field(default_factory=dict)
     responses: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, responses: bool = False) -> dict[str, Any]:
@@ -349,6 +366,7 @@ def evaluate_model(
     benign: PathLike | Sequence[str] | None = None,
     utility: PathLike | UtilityItems | None = None,
     judge: RefusalJudge | None = None,
+    benign_judge: RefusalJudge | None = None,
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
@@ -358,10 +376,12 @@ def evaluate_model(
     ``harmful`` / ``benign``: a prompt file, a list of prompts, or None for the built-in files
     (``deltafix/data/harmful_eval.jsonl`` / ``benign_eval.jsonl``); an empty list skips them.
     ``utility``: a utility JSONL file or ``UtilityItems``; None skips accuracy and perplexity.
-    ``judge`` defaults to ``KeywordJudge()``. The model runs where its parameters are.
+    ``judge`` defaults to ``KeywordJudge()``; ``benign_judge`` (for the benign prompts) to ``judge``.
+    The model runs where its parameters are.
     """
     start = time.perf_counter()
     judge = judge or KeywordJudge()
+    judges = {"harmful": judge, "benign": benign_judge or judge}
     harmful_prompts = _prompts(harmful, BUILTIN_HARMFUL)
     benign_prompts = _prompts(benign, BUILTIN_BENIGN)
     items = load_utility(utility) if isinstance(utility, (str, Path)) else (utility or UtilityItems())
@@ -372,10 +392,10 @@ def evaluate_model(
         if not prompts:
             return None
         answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, kind)
-        refused = [judge.is_refusal(p, a) for p, a in zip(prompts, answers)]
-        responses.extend(
-            {"kind": kind, "prompt": p, "response": a, "refused": r} for p, a, r in zip(prompts, answers, refused)
-        )
+        refused = verdicts(judges[kind], prompts, answers)
+        named = {**describe(judges[kind]), "max_new_tokens": max_new_tokens}
+        responses.extend({"kind": kind, "prompt": p, "response": a, "refused": r, "judge": named}
+                          for p, a, r in zip(prompts, answers, refused))
         return sum(refused) / len(refused)
 
     harmful_refusal = refusal_rate("harmful", harmful_prompts)
@@ -400,6 +420,7 @@ def evaluate_model(
         perplexity=ppl,
         n_texts=len(items.texts),
         seconds=round(time.perf_counter() - start, 3),
+        judge={**describe(judge), "benign_judge": describe(judges["benign"])["kind"], "max_new_tokens": max_new_tokens},
         responses=responses,
     )
 
@@ -412,6 +433,7 @@ def evaluate_folder(
     benign: PathLike | Sequence[str] | None = None,
     utility: PathLike | UtilityItems | None = None,
     judge: RefusalJudge | None = None,
+    benign_judge: RefusalJudge | None = None,
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     batch_size: int = EVAL_BATCH_SIZE,
     device: str = DEVICE,
@@ -433,6 +455,7 @@ def evaluate_folder(
         benign=benign_prompts,
         utility=items,
         judge=judge,
+        benign_judge=benign_judge,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,

@@ -274,3 +274,27 @@ def test_bad_presets_exit_2_from_the_console_script() -> None:
                          timeout=600, check=False)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
     assert run.stderr.startswith("error: --max-new-tokens must be a whole number >= 1 or a preset: short (64)")
+
+
+def test_a_hub_judge_resolves_like_every_model_input(bench: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``--judge org/name@rev`` goes through ``deltafix.io.refs`` (offline here, a hand-built Hub
+    cache): the result names the ref as typed and the commit it resolved to; a repo that is not in
+    the cache is one line, exit 2."""
+    from huggingface_hub import constants
+    from test_hub import add_to_cache, commit_sha
+
+    cache = tmp_path / "hf-cache"
+    add_to_cache(cache, "org/refusal-cls", bench["refusal"], commit_sha("cls"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = api.evaluate(bench["chat"], harmful=bench["harmful"], benign=bench["benign"], max_new_tokens="gcg",
+                          device="cpu", judge="org/refusal-cls@main", judge_refusal_label="refusal")
+    assert result.judge["model"] == "org/refusal-cls@main" and result.judge["revision"] == commit_sha("cls")
+    assert result.asr == pytest.approx(1 / 3)
+    assert main(["eval", str(bench["chat"]), *flags(bench, "--judge", "org/missing", "--judge-unsafe-label", "x")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: org/missing is not in the local Hub cache and HF_HUB_OFFLINE is set; download it once online first."]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from deltafix.env import bar, progress_bars
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -159,19 +160,20 @@ def train(
     order: list[int] = []
     losses = []
     model.train()
-    for _ in tqdm(range(schedule.steps), desc=desc, disable=not progress, leave=False):
-        if len(order) < schedule.batch_size:
-            order += torch.randperm(len(examples), generator=generator).tolist()
-        batch = [examples[i] for i in order[: schedule.batch_size]]
-        del order[: schedule.batch_size]
-        input_ids, labels, mask = collate(batch, pad_id)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    with progress_bars(progress):
+        for _ in bar(range(schedule.steps), desc=desc):
+            if len(order) < schedule.batch_size:
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            batch = [examples[i] for i in order[: schedule.batch_size]]
+            del order[: schedule.batch_size]
+            input_ids, labels, mask = collate(batch, pad_id)
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
     model.eval()
     return losses
 

@@ -14,9 +14,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from deltafix.env import bar, progress_bars
 from deltafix.options import DPP_BATCH_SIZE, DPP_BETA, DPP_P
 
 JITTER = 1e-6
@@ -29,13 +29,14 @@ def embed_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text
     model.eval()
     device = next(model.parameters()).device
     chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="embed", unit="batch", disable=not progress):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        padding_side="right", return_tensors="pt").to(device)
-        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                       output_hidden_states=True).hidden_states[-1].float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        chunks.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+    with progress_bars(progress):
+        for start in bar(range(0, len(texts), batch_size), desc="embed", unit="batch"):
+            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                            padding_side="right", return_tensors="pt").to(device)
+            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           output_hidden_states=True).hidden_states[-1].float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            chunks.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
     return torch.cat(chunks)
 
 

@@ -112,6 +112,23 @@ ETA_SAFE = 1.0
 says why: with the cap at lr SPAG barely moved on the testbed)."""
 ASFT_TRAIN_LAM = 1.0
 """Weight λ of the AsFT penalty when training (``train asft``; not the repair method's ``lam``)."""
+GRAD_ACCUM = 1
+"""Batches whose gradients are summed into one optimizer step (SPARD's safety step takes one batch)."""
+LORA_DROPOUT = 0.0
+"""Dropout on the LoRA path's input; the papers' recipes use 0.05 (SPARD) and 0.1 (Buffer-and-Reinforce)."""
+WEIGHT_DECAY = 0.01
+"""AdamW weight decay: torch's AdamW default, which the trainer has always used."""
+LR_SCHEDULER = "constant"
+"""Learning-rate schedule: constant, linear or cosine (transformers' ``get_scheduler``), after the warm-up."""
+WARMUP_RATIO = 0.0
+"""Share of the steps that warm the learning rate up linearly from 0."""
+WARMUP_STEPS = 0
+"""Warm-up steps; when above 0 it wins over ``WARMUP_RATIO``, as in transformers' ``TrainingArguments``."""
+MAX_GRAD_NORM = 0.0
+"""Clip the gradient's global norm to this before each optimizer step; 0 leaves it alone."""
+BENIGN_SHARE = 0.5
+"""Share of benign records in the ReinforceLoRA's training set (Buffer-and-Reinforce's code: 2,500
+refusals + 2,500 benign): without them it learns to refuse everything."""
 
 RECIPES: Traversable = resources.files("deltafix") / "recipes"
 """The shipped recipes, one per method, as package data (readable from a wheel or a zip)."""

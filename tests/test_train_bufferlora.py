@@ -70,9 +70,13 @@ def test_pipeline_trains_every_stage_on_a_plus_buffer_and_drops_the_buffer(
     buffer, reinforce, user = (stage_report(out, s) for s in ["buffer", "reinforce", "user"])
     assert buffer["options"]["base_adapter"] is None and buffer["options"]["data"] == str(inputs["harmful"])
     assert reinforce["options"]["base_adapter"] == user["options"]["base_adapter"] == str(out / "buffer")
-    assert reinforce["options"]["data"] == str(inputs["refusals"])
-    assert reinforce["options"]["extra_data"] == [str(inputs["benign"])]
-    assert reinforce["user_examples"] == len(SAFETY) + len(USER[4:])
+    # the refusals, then benign records until they are half the set (6 of the 4 given: all, then 2 again)
+    assert reinforce["options"]["data"] == str(out / "reinforce_data.jsonl") and reinforce["options"]["extra_data"] == []
+    mixed = [json.loads(line) for line in (out / "reinforce_data.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["response"]) for r in mixed[:len(SAFETY)]] == SAFETY
+    benign = [(r["prompt"], r["response"]) for r in mixed[len(SAFETY):]]
+    assert len(benign) == len(SAFETY) and set(benign) == set(USER[4:]) and benign[4:] == benign[:2]
+    assert reinforce["user_examples"] == 2 * len(SAFETY)
     assert [r["options"]["seed"] for r in (buffer, reinforce, user)] == [0, 1, 2]
     assert all(r["options"]["lora_r"] == 4 and len(r["losses"]) == 2 for r in (buffer, reinforce, user))
 

@@ -4,7 +4,9 @@ Each stage writes one folder under OUT:
 
 - ``buffer``: the BufferLoRA, plain LoRA on A trained on harmful compliance data (``--harmful``);
 - ``reinforce``: the ReinforceLoRA, plain LoRA on refusals (``--reinforce-data``, default the
-  built-in safety set) plus optional benign data, trained on **A + buffer**;
+  built-in safety set) mixed with benign answers (``--benign``, default the built-in benign training
+  set) so that they are ``benign_share`` of the set (``mix``; the paper's code: half), trained on
+  **A + buffer**; the mixed set is written to ``OUT/reinforce_data.jsonl``;
 - ``user``: the UserLoRA, plain cross-entropy on the user's data, also trained on **A + buffer**;
 - ``merged``: the buffer is dropped and UserLoRA and ReinforceLoRA are QR-merged onto **A**
   (``deltafix.engine.merge_lora.run_merge_lora``): ``W = W_A + c (ΔU + ΔR⊥)``, a full checkpoint or, with
@@ -50,14 +52,16 @@ from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
 from deltafix.io.writer import atomic_file
 from deltafix.engine.report import REPORT_NAME as MERGE_REPORT
 from deltafix.methods.qr_merge import ALPHA, SCALE
-from deltafix.options import OUT_SHARD_BYTES
-from deltafix.train.data import BUILTIN_SAFETY_DATA, load_records
+from deltafix.options import BENIGN_SHARE, OUT_SHARD_BYTES
+from deltafix.train.data import BUILTIN_BENIGN_DATA, BUILTIN_SAFETY_DATA, load_records, records_jsonl
+from deltafix.train.mix import mix_with_benign
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
                                   train_adapter)
 
 SEED_OFFSET = {"buffer": 0, "reinforce": 1, "user": 2}
 # Options that change how a run is shown or whether it may replace output, not what it produces.
 PRESENTATION_OPTIONS = {"progress", "overwrite"}
+REINFORCE_DATA = "reinforce_data.jsonl"
 
 
 class BufferLoraOptions(LoraTraining):
@@ -74,7 +78,9 @@ class BufferLoraOptions(LoraTraining):
     reinforce: Path | None = Field(None, description="a ReinforceLoRA trained earlier on base + buffer: skip "
                                                      "stage reinforce")
     reinforce_data: Path | None = Field(None, description="refusals for the ReinforceLoRA; None: built-in set")
-    benign: Path | None = Field(None, description="benign data trained on with the refusals")
+    benign: Path | None = Field(None, description="benign data trained on with the refusals; None: built-in set")
+    benign_share: float = Field(BENIGN_SHARE, gt=0, lt=1, description="share of benign records in the "
+                                                                    "ReinforceLoRA's training set")
     as_adapter: bool = Field(False, description="write the merged result as an adapter, not a full checkpoint")
     alpha: float = Field(ALPHA, ge=0, le=1, description="share of ΔR's component in the user column space removed")
     scale: float = Field(SCALE, ge=0, description="c in W = W_A + c (ΔU + ΔR⊥)")
@@ -123,9 +129,7 @@ def run_bufferlora(opts: BufferLoraOptions) -> dict[str, Any]:
     if opts.reinforce is not None:
         stages.append(StageResult("reinforce", "given", opts.reinforce, 0.0))
     else:
-        refusals = opts.reinforce_data or BUILTIN_SAFETY_DATA
-        stages.append(_train_stage(_stage_options(opts, "reinforce", refusals, [opts.benign] if opts.benign else [],
-                                                  buffer)))
+        stages.append(_train_stage(_stage_options(opts, "reinforce", _reinforce_data(opts), [], buffer)))
     reinforce = stages[-1].path
     stages.append(_train_stage(_stage_options(opts, "user", opts.data, [], buffer)))
     stages.append(_merge_stage(opts, stages[-1].path, reinforce))
@@ -168,8 +172,20 @@ def _data_files(opts: BufferLoraOptions) -> list[Path]:
     if opts.buffer is None:
         files.append(opts.harmful)
     if opts.reinforce is None:
-        files += [opts.reinforce_data or BUILTIN_SAFETY_DATA] + ([opts.benign] if opts.benign else [])
+        files += [opts.reinforce_data or BUILTIN_SAFETY_DATA, opts.benign or BUILTIN_BENIGN_DATA]
     return files
+
+
+def _reinforce_data(opts: BufferLoraOptions) -> Path:
+    """Write the ReinforceLoRA's mixed training set (``mix``) to ``OUT/reinforce_data.jsonl``: the same
+    inputs give the same bytes, so the stage's recorded hash still matches on a rerun."""
+    mixed = mix_with_benign(load_records(opts.reinforce_data or BUILTIN_SAFETY_DATA),
+                            load_records(opts.benign or BUILTIN_BENIGN_DATA), opts.benign_share,
+                            opts.seed + SEED_OFFSET["reinforce"])
+    path = opts.out / REINFORCE_DATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_file(path, records_jsonl(mixed).encode())
+    return path
 
 
 def _stage_options(opts: BufferLoraOptions, stage: str, data: Path, extra: list[Path],

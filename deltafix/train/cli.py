@@ -16,9 +16,11 @@ import typer
 from pydantic import ValidationError
 
 from deltafix.errors import OptionError
-from deltafix.options import (ASFT_TRAIN_LAM, DEVICE, DPP_BATCH_SIZE, DPP_BETA, DPP_P, DTYPE, EPOCHS, ETA_SAFE,
-                              LEARNING_RATE, LORA_ALPHA, LORA_R, LORA_TARGETS, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE,
-                              SPAG_DELTA, SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED)
+from deltafix.options import (ASFT_TRAIN_LAM, BENIGN_SHARE, DEVICE, DPP_BATCH_SIZE, DPP_BETA, DPP_P, DTYPE, EPOCHS,
+                              ETA_SAFE, GRAD_ACCUM, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS,
+                              LR_SCHEDULER, MAX_GRAD_NORM, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE, SPAG_DELTA, SPAG_TAU,
+                              SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED, WARMUP_RATIO, WARMUP_STEPS,
+                              WEIGHT_DECAY)
 
 train_app = typer.Typer(
     help="Fine-tune a LoRA adapter on the aligned base that keeps its safety: SPARD (DPP-selected safety "
@@ -46,19 +48,58 @@ SafetyData = Annotated[Optional[Path], typer.Option("--safety-data",
                                                     help="Safety JSONL (default: built-in calibration set).")]
 P = Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="DPP subset size: ceil(p * |user data|).")]
 Beta = Annotated[float, typer.Option("--beta", min=0.0, help="DPP relevance exponent β.")]
+GradAccum = Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step.")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")]
+Scheduler = Annotated[str, typer.Option("--lr-scheduler", help="Learning-rate schedule after the warm-up: constant, "
+                                                               "linear or cosine (decay to 0).")]
+WarmupRatio = Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Share of the steps warming "
+                                                                                      "the learning rate up from 0.")]
+WarmupSteps = Annotated[int, typer.Option("--warmup-steps", min=0, help="Warm-up steps; above 0 it wins over "
+                                                                        "--warmup-ratio.")]
+MaxGradNorm = Annotated[float, typer.Option("--max-grad-norm", min=0.0, help="Clip the gradient norm before each "
+                                                                             "optimizer step; 0: no clipping.")]
+LoraDropout = Annotated[float, typer.Option("--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA path.")]
+Recipe = Annotated[Optional[str], typer.Option(
+    "--recipe", help="YAML training recipe (trainer and options): a file, or the name of a shipped recipe with a "
+    "paper's settings (spard: paper, code; asft: paper; bufferlora: paper). Flags given on the command line "
+    "replace its values.")]
 
 DEFAULT_TARGETS = ",".join(LORA_TARGETS)
+CLI_NAMES = {"shard_size": "out_shard_size"}
+"""Options whose command-line parameter has another name."""
 
 
-def _train(as_json: bool, **fields: Any) -> None:
-    from deltafix.train.spard import TrainOptions, train_adapter
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option ``name`` on the command line (or its environment), not left it at the default."""
+    source = ctx.get_parameter_source(CLI_NAMES.get(name, name))
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _options(ctx: typer.Context, model: type[Any], trainer: str, recipe: str | None, fields: dict[str, Any]) -> Any:
+    """``model`` from the defaults, then the recipe's values, then the flags given on the command line."""
+    from deltafix.train.recipes import load_train_recipe
 
     fields["target_modules"] = [t.strip() for t in fields["target_modules"].split(",") if t.strip()]
+    values = dict(fields)
+    if recipe is not None:
+        values.update(load_train_recipe(recipe, trainer, model))
+        values.update({name: value for name, value in fields.items() if _given(ctx, name)})
     try:
-        opts = TrainOptions(progress=not as_json, **fields)
+        return model(**values)
     except ValidationError as err:
         first = err.errors()[0]
         raise OptionError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}.") from None
+
+
+def _fields(params: dict[str, Any]) -> dict[str, Any]:
+    """A command's parameters (its ``locals()`` on entry) that are option fields of the same name."""
+    return {name: value for name, value in params.items() if name not in ("ctx", "as_json", "recipe")}
+
+
+def _train(ctx: typer.Context, as_json: bool, recipe: str | None, **fields: Any) -> None:
+    from deltafix.train.spard import TrainOptions, train_adapter
+
+    opts = _options(ctx, TrainOptions, fields["mode"], recipe, {"progress": not as_json, **fields})
     result = train_adapter(opts)
     report = result.report
     if not result.main_process:
@@ -107,8 +148,11 @@ def select(
 
 @train_app.command()
 def spard(
+    ctx: typer.Context,
     base: Base, data: Data, out: Out,
     safety_data: SafetyData = None,
+    safety_batch_size: Annotated[Optional[int], typer.Option(
+        "--safety-batch-size", min=1, show_default="--batch-size", help="Safety examples per safety step.")] = None,
     select: Annotated[bool, typer.Option("--select/--no-select",
                                          help="Pick the safety subset with the DPP, or use all of it.")] = True,
     p: P = DPP_P,
@@ -123,48 +167,52 @@ def spard(
     epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
     lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
     seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
+    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY, lr_scheduler: Scheduler = LR_SCHEDULER,
+    warmup_ratio: WarmupRatio = WARMUP_RATIO, warmup_steps: WarmupSteps = WARMUP_STEPS,
+    max_grad_norm: MaxGradNorm = MAX_GRAD_NORM, lora_dropout: LoraDropout = LORA_DROPOUT, recipe: Recipe = None,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """SPARD: LoRA on the user data with SPAG safety corrections on DPP-selected safety data."""
-    _train(as_json, mode="spard", base=base, data=data, out=out, safety_data=safety_data, select=select, p=p,
-           beta=beta, tau=tau, eta_safe=eta_safe, spag=spag, delta=delta, epochs=epochs, max_steps=max_steps,
-           lr=lr, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
-           seed=seed, device=device, dtype=dtype, max_length=max_length, overwrite=overwrite)
+    _train(ctx, as_json, recipe, mode="spard", **_fields(locals()))
 
 
 @train_app.command()
 def asft(
+    ctx: typer.Context,
     base: Base, data: Data, out: Out,
     unaligned: Annotated[str, typer.Option("--unaligned", help="Pre-alignment base P of --base.")],
     lam: Annotated[float, typer.Option("--lam", min=0.0, help="Weight λ of the AsFT penalty.")] = ASFT_TRAIN_LAM,
     epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
     lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
     seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
+    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY, lr_scheduler: Scheduler = LR_SCHEDULER,
+    warmup_ratio: WarmupRatio = WARMUP_RATIO, warmup_steps: WarmupSteps = WARMUP_STEPS,
+    max_grad_norm: MaxGradNorm = MAX_GRAD_NORM, lora_dropout: LoraDropout = LORA_DROPOUT, recipe: Recipe = None,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """LoRA with the AsFT penalty λ Σ ‖(I − C) B A‖²: updates outside the alignment direction cost."""
-    _train(as_json, mode="asft", base=base, data=data, out=out, unaligned=unaligned, lam=lam, epochs=epochs,
-           max_steps=max_steps, lr=lr, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
-           target_modules=target_modules, seed=seed, device=device, dtype=dtype, max_length=max_length,
-           overwrite=overwrite)
+    _train(ctx, as_json, recipe, mode="asft", **_fields(locals()))
 
 
 @train_app.command()
 def lora(
+    ctx: typer.Context,
     base: Base, data: Data, out: Out,
     epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
     lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
     seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
+    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY, lr_scheduler: Scheduler = LR_SCHEDULER,
+    warmup_ratio: WarmupRatio = WARMUP_RATIO, warmup_steps: WarmupSteps = WARMUP_STEPS,
+    max_grad_norm: MaxGradNorm = MAX_GRAD_NORM, lora_dropout: LoraDropout = LORA_DROPOUT, recipe: Recipe = None,
     overwrite: Overwrite = False, as_json: AsJson = False,
 ) -> None:
     """Plain LoRA on the user data (no safety term): the baseline to compare against."""
-    _train(as_json, mode="lora", base=base, data=data, out=out, epochs=epochs, max_steps=max_steps, lr=lr,
-           batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
-           seed=seed, device=device, dtype=dtype, max_length=max_length, overwrite=overwrite)
+    _train(ctx, as_json, recipe, mode="lora", **_fields(locals()))
 
 
 @train_app.command()
 def bufferlora(
+    ctx: typer.Context,
     base: Base, data: Data,
     out: Annotated[Path, typer.Option("--out", help="Output folder: one subfolder per stage (buffer, reinforce, "
                                                     "user, merged) and the pipeline report.")],
@@ -175,8 +223,10 @@ def bufferlora(
                                                                           "--buffer.")] = None,
     reinforce_data: Annotated[Optional[Path], typer.Option("--reinforce-data", help="Refusals JSONL for the "
                                                            "ReinforceLoRA (default: built-in safety set).")] = None,
-    benign: Annotated[Optional[Path], typer.Option("--benign", help="Benign JSONL trained on with the "
-                                                                    "refusals.")] = None,
+    benign: Annotated[Optional[Path], typer.Option("--benign", help="Benign JSONL trained on with the refusals "
+                                                                    "(default: built-in benign training set).")] = None,
+    benign_share: Annotated[float, typer.Option("--benign-share", min=0.0, max=1.0, help="Share of benign records in "
+                                                "the ReinforceLoRA's training set.")] = BENIGN_SHARE,
     as_adapter: Annotated[bool, typer.Option("--as-adapter", help="Write the merged result as the exact adapter "
                                                                   "instead of a full checkpoint.")] = False,
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Share of ΔR's component in the "
@@ -186,26 +236,22 @@ def bufferlora(
     epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
     lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
     seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
+    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY, lr_scheduler: Scheduler = LR_SCHEDULER,
+    warmup_ratio: WarmupRatio = WARMUP_RATIO, warmup_steps: WarmupSteps = WARMUP_STEPS,
+    max_grad_norm: MaxGradNorm = MAX_GRAD_NORM, lora_dropout: LoraDropout = LORA_DROPOUT, recipe: Recipe = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose folder was made from other "
                                                                 "options or data (matching ones are reused).")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Buffer-and-Reinforce: UserLoRA trained with a harmful BufferLoRA merged in, then QR-merged with a
     ReinforceLoRA onto the base without the buffer. Reruns reuse finished stages."""
+    fields = _fields(locals())
     from deltafix.io.writer import parse_size
     from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora
 
-    try:
-        opts = BufferLoraOptions(
-            base=base, data=data, out=out, harmful=harmful, buffer=buffer, reinforce=reinforce,
-            reinforce_data=reinforce_data, benign=benign, as_adapter=as_adapter, alpha=alpha, scale=scale,
-            shard_size=parse_size(out_shard_size), epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-            lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, device=device, dtype=dtype, max_length=max_length,
-            target_modules=[t.strip() for t in target_modules.split(",") if t.strip()], overwrite=overwrite,
-            progress=not as_json, command=shlex.join(["deltafix", *sys.argv[1:]]))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise OptionError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}.") from None
+    fields["shard_size"] = parse_size(fields.pop("out_shard_size"))
+    opts = _options(ctx, BufferLoraOptions, "bufferlora", recipe,
+                    {**fields, "progress": not as_json, "command": shlex.join(["deltafix", *sys.argv[1:]])})
     report = run_bufferlora(opts)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -25,6 +25,9 @@ from deltafix.errors import InputError, MismatchError
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 BUILTIN_SAFETY_DATA = Path(__file__).resolve().parent.parent / "data" / "safety_calibration.jsonl"
+BUILTIN_BENIGN_DATA = Path(__file__).resolve().parent.parent / "data" / "benign_train.jsonl"
+"""Helpful answers to everyday requests, for training only: their topics are kept apart from
+``benign_eval.jsonl`` so that a model trained on them is not scored on what it learned."""
 
 # For tokenizers without a chat template: turns separated by a blank line, BOS first when the
 # tokenizer has one, no role labels (a base model has no convention for them).
@@ -137,8 +140,13 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
+def records_jsonl(records: list[Record]) -> str:
+    """The records as JSONL text in the objects' original form (fields and order kept)."""
+    return "".join(json.dumps(r.raw, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_records(records: list[Record], path: Path) -> None:
-    """Write records back as JSONL in the objects' original form (fields and order kept)."""
+    """Write records back as JSONL (``records_jsonl``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r.raw, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    path.write_text(records_jsonl(records), encoding="utf-8")

@@ -10,7 +10,15 @@ which move every coordinate by about lr whatever the gradient's scale, while a s
 along g moves θ by only lr·‖g‖. On the testbed the projection step (ℓ − τ)/‖g‖² is about 0.05
 against lr = 0.002, so a cap of lr bound at every step and SPAG barely moved (ASR stayed 1.00).
 With η_safe = 1 the move ``min((ℓ − τ)/‖g‖, η_safe·‖g‖)`` is never longer than
-``sqrt(η_safe·(ℓ − τ))``, whatever ‖g‖, and the projection itself is left alone.
+``sqrt(η_safe·(ℓ − τ))``, whatever ‖g‖, and the projection itself is left alone. The paper's
+setting, η_safe = lr (SPARD's README: "set equal to the fine-tuning learning rate"), is the
+shipped ``--recipe paper``.
+
+The official code (github.com/shuhao02/SPARD, ``utils/SPAGOptimizerTrainer.py``) does something
+else, offered as ``spag="code"``: when ℓ > τ + δ it rescales each gradient tensor on its own,
+``g ← g · min((ℓ − τ)/(‖g‖ + 1e-8), α_max)`` (``code_rescale``), and then takes an AdamW step with
+the optimizer the utility steps use. AdamW divides by its running gradient scale, so the factor
+mostly sets how much this step weighs in the moments, not the step's length.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import torch
 
 from deltafix.options import ETA_SAFE
 
-__all__ = ["ETA_SAFE", "spag_correct", "spag_step_size"]
+__all__ = ["CODE_EPS", "ETA_SAFE", "code_rescale", "spag_correct", "spag_step_size"]
+
+CODE_EPS = 1e-8
+"""Added to ‖g‖ in the official code's rescaling factor."""
 
 
 def spag_step_size(loss: float, grad_sq_norm: float, tau: float, eta_safe: float) -> float:
@@ -45,3 +56,18 @@ def spag_correct(params: list[torch.nn.Parameter], loss: float, tau: float, eta_
         for p, g in grads:
             p.sub_(step * g.to(p.dtype))
     return step
+
+
+@torch.no_grad()
+def code_rescale(grads: list[torch.Tensor], loss: float, tau: float, cap: float) -> list[float]:
+    """The official code's per-tensor rescaling, in place: ``g ← g · min((ℓ − τ)/(‖g‖ + 1e-8), cap)``
+    for each gradient tensor on its own (its own 2-norm, fp32); returns the factors, in order.
+
+    Called only once the code variant has decided to step (ℓ > τ + δ); the factor uses ℓ − τ.
+    """
+    factors = []
+    for g in grads:
+        factor = min((loss - tau) / (float(torch.linalg.vector_norm(g.float())) + CODE_EPS), cap)
+        g.mul_(factor)
+        factors.append(factor)
+    return factors

@@ -3,8 +3,8 @@
 Three modes share one loop (DESIGN §6, §5.2):
 - ``lora``: plain LoRA, cross-entropy on response tokens (the baseline);
 - ``spard``: DPP-selected safety data (``dpp``) and, after every utility step, the SPAG correction
-  (``spag``) on a safety batch; ``spag="code"`` instead takes an optimizer step on the safety
-  batch whenever ℓ > τ + δ;
+  (``spag``) on a safety batch; ``spag="code"`` instead does what the official code does whenever
+  ℓ > τ + δ: rescale each gradient tensor (``spag.code_rescale``) and take an optimizer step;
 - ``asft``: the loss gets ``λ Σ_l ‖(I − C_l) B_l A_l‖²_F`` (``asft``), which needs the unaligned P.
 Multi-process runs go through accelerate (``accelerate launch``): the safety loss is averaged
 over processes before the SPAG decision, so every process takes the same step.
@@ -19,6 +19,7 @@ and the sha256 of the files learned from (``input_hashes``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,14 +32,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deltafix import __version__
-from deltafix.env import resolve_device, resolve_dtype
+from deltafix.env import bar, progress_bars, resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
 from deltafix.io.writer import atomic_output
 from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
-from deltafix.options import (ASFT_TRAIN_LAM, DPP_BETA, DPP_P, DTYPE, DEVICE, EPOCHS, LEARNING_RATE, LORA_ALPHA,
-                              LORA_R, LORA_TARGETS, SPAG_DELTA, SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE,
-                              TRAIN_MAX_LENGTH, TRAIN_SEED)
-from deltafix.train.spag import ETA_SAFE, spag_correct
+from deltafix.options import (ASFT_TRAIN_LAM, DPP_BETA, DPP_P, DTYPE, DEVICE, EPOCHS, GRAD_ACCUM, LEARNING_RATE,
+                              LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, LR_SCHEDULER, MAX_GRAD_NORM, SPAG_DELTA,
+                              SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED, WARMUP_RATIO,
+                              WARMUP_STEPS, WEIGHT_DECAY)
+from deltafix.train.spag import ETA_SAFE, code_rescale, spag_correct
 
 REPORT_NAME = "deltafix_train_report.json"
 
@@ -52,8 +54,16 @@ class LoraTraining(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many utility steps")
     lr: float = Field(LEARNING_RATE, gt=0)
     batch_size: int = Field(TRAIN_BATCH_SIZE, ge=1)
+    grad_accum: int = Field(GRAD_ACCUM, ge=1, description="batches per optimizer step (an epoch counts steps)")
+    weight_decay: float = Field(WEIGHT_DECAY, ge=0, description="AdamW weight decay")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = LR_SCHEDULER
+    warmup_ratio: float = Field(WARMUP_RATIO, ge=0, le=1, description="share of the steps warming lr up from 0")
+    warmup_steps: int = Field(WARMUP_STEPS, ge=0, description="warm-up steps; above 0 it wins over warmup_ratio")
+    max_grad_norm: float = Field(MAX_GRAD_NORM, ge=0, description="clip the gradient norm before each optimizer "
+                                                                  "step; 0: no clipping")
     lora_r: int = Field(LORA_R, ge=1)
     lora_alpha: float = Field(LORA_ALPHA, gt=0)
+    lora_dropout: float = Field(LORA_DROPOUT, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     seed: int = TRAIN_SEED
     device: str = DEVICE
@@ -81,8 +91,11 @@ class TrainOptions(LoraTraining):
     p: float = Field(DPP_P, gt=0, le=1, description="DPP subset size k = ceil(p * |user data|)")
     beta: float = Field(DPP_BETA, ge=0, description="DPP relevance exponent")
     unaligned: str | None = Field(None, description="pre-alignment base P (asft)")
+    safety_batch_size: int | None = Field(None, ge=1, description="safety examples per safety step (spard; one "
+                                                                   "batch, whatever grad_accum); None: batch_size")
     tau: float = Field(SPAG_TAU, ge=0, description="SPAG safety-loss threshold")
-    eta_safe: float = Field(ETA_SAFE, gt=0, description="SPAG largest step size (see spag)")
+    eta_safe: float = Field(ETA_SAFE, gt=0, description="SPAG largest step size (see spag); the code variant's "
+                                                        "largest gradient factor α_max")
     spag: Literal["paper", "code"] = SPAG_VARIANT
     delta: float = Field(SPAG_DELTA, ge=0, description="margin of the code SPAG variant: step when loss > tau + delta")
     lam: float = Field(ASFT_TRAIN_LAM, ge=0, description="AsFT penalty weight")
@@ -194,7 +207,7 @@ def _lora_model(model, opts: TrainOptions):
     from peft.utils.error import NoMatchingPeftModuleError
 
     config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, target_modules=opts.target_modules,
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+                        lora_dropout=opts.lora_dropout, bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except NoMatchingPeftModuleError as err:
@@ -205,6 +218,50 @@ def _lora_model(model, opts: TrainOptions):
 def _loader(features: list[dict[str, list[int]]], tokenizer, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(features, batch_size=batch_size, shuffle=True, collate_fn=collator(tokenizer),
                       generator=torch.Generator().manual_seed(seed))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, opts: LoraTraining, steps: int):
+    """The learning-rate schedule over ``steps`` optimizer steps: a linear warm-up from 0 (``warmup_steps``,
+    else ``ceil(warmup_ratio · steps)``, as transformers' ``TrainingArguments`` counts it), then constant,
+    linear or cosine decay to 0."""
+    from transformers import get_scheduler
+
+    warmup = opts.warmup_steps or math.ceil(opts.warmup_ratio * steps)
+    name = "constant_with_warmup" if opts.lr_scheduler == "constant" else opts.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def accumulate(model, batches: Iterator[dict[str, torch.Tensor]], count: int, accelerator) -> torch.Tensor:
+    """The mean loss of ``count`` batches, detached, with its gradient accumulated into ``.grad``: each
+    batch's backward is scaled by 1/count."""
+    total = torch.zeros(())
+    for _ in range(count):
+        loss = model(**next(batches)).loss
+        accelerator.backward(loss / count)
+        total = total.to(loss.device) + loss.detach() / count
+    return total
+
+
+def _clip(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> None:
+    if max_norm > 0:
+        accelerator.clip_grad_norm_(params, max_norm)
+
+
+def safety_step(opts: TrainOptions, ell: float, trainable: list[torch.nn.Parameter], optimizer,
+                 accelerator) -> float:
+    """SPARD's safety correction from the safety gradient in ``.grad``; returns its size (0: none fired).
+
+    paper: the SPAG step, whose size is min((ℓ − τ)/‖g‖², η_safe). code: when ℓ > τ + δ, the
+    official code's clip, per-tensor rescale and optimizer step; the size is the largest factor.
+    """
+    if opts.spag == "paper":
+        return spag_correct(trainable, ell, opts.tau, opts.eta_safe)
+    if ell <= opts.tau + opts.delta:
+        return 0.0
+    _clip(accelerator, trainable, opts.max_grad_norm)
+    factors = code_rescale([p.grad for p in trainable if p.grad is not None], ell, opts.tau, opts.eta_safe)
+    optimizer.step()
+    return max(factors)
 
 
 def train_adapter(opts: TrainOptions) -> TrainResult:
@@ -230,18 +287,19 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
         safety, pool_size = _safety_records(opts, model, tokenizer, user, accelerator)
     model = _lora_model(model, opts)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=opts.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     user_loader = _loader(tokenize_records(tokenizer, user, opts.max_length), tokenizer, opts.batch_size, opts.seed)
     loaders = [user_loader]
     if safety:
         loaders.append(_loader(tokenize_records(tokenizer, safety, opts.max_length), tokenizer,
-                               opts.batch_size, opts.seed + 1))
+                               opts.safety_batch_size or opts.batch_size, opts.seed + 1))
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     terms = []
     if opts.mode == "asft":
         terms = asft_terms(accelerator.unwrap_model(model), CheckpointReader(resolve_ref(opts.unaligned).folder))
 
-    steps = opts.max_steps or opts.epochs * len(loaders[0])
+    steps = opts.max_steps or opts.epochs * math.ceil(len(loaders[0]) / opts.grad_accum)
+    scheduler = lr_schedule(optimizer, opts, steps)
     user_batches = _batches(loaders[0])
     safety_batches = _batches(loaders[1]) if safety else None
     losses: list[float] = []
@@ -249,37 +307,31 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
     safety_losses: list[float] = []
     fired: list[int] = []
     step_sizes: list[float] = []
-    bar = tqdm(range(steps), desc=opts.mode, unit="step", disable=not (opts.progress and accelerator.is_main_process))
-    for step in bar:
-        model.train()
-        loss = model(**next(user_batches)).loss
-        objective = loss
-        if terms:
-            penalty = asft_regulariser(terms)
-            objective = loss + opts.lam * penalty
-            penalties.append(accelerator.reduce(penalty.detach(), "mean").item())
-        accelerator.backward(objective)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        if safety_batches is not None:
-            safety_loss = model(**next(safety_batches)).loss
-            accelerator.backward(safety_loss)
-            ell = accelerator.reduce(safety_loss.detach(), "mean").item()
-            safety_losses.append(ell)
-            if opts.spag == "paper":
-                size = spag_correct(trainable, ell, opts.tau, opts.eta_safe)
-                corrected = size > 0
-                if corrected:
-                    step_sizes.append(size)
-            else:
-                corrected = ell > opts.tau + opts.delta
-                if corrected:
-                    optimizer.step()
+
+    with progress_bars(opts.progress and accelerator.is_main_process):
+        step_bar = bar(range(steps), desc=opts.mode, unit="step")
+        for step in step_bar:
+            model.train()
+            loss = accumulate(model, user_batches, opts.grad_accum, accelerator)
+            if terms:  # the AsFT penalty depends on the weights alone: once per optimizer step
+                penalty = asft_regulariser(terms)
+                accelerator.backward(opts.lam * penalty)
+                penalties.append(accelerator.reduce(penalty.detach(), "mean").item())
+            _clip(accelerator, trainable, opts.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if corrected:
-                fired.append(step)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", fired=len(fired))
+            losses.append(accelerator.reduce(loss, "mean").item())
+            if safety_batches is not None:
+                ell = accelerator.reduce(accumulate(model, safety_batches, 1, accelerator), "mean").item()
+                safety_losses.append(ell)
+                size = safety_step(opts, ell, trainable, optimizer, accelerator)
+                optimizer.zero_grad(set_to_none=True)
+                if size > 0:
+                    fired.append(step)
+                    step_sizes.append(size)
+            if isinstance(step_bar, tqdm):
+                step_bar.set_postfix(loss=f"{losses[-1]:.3f}", fired=len(fired))
 
     report = {
         "deltafix_version": __version__,

@@ -103,8 +103,9 @@ def _call(name: str, *args: PathLike, **kwargs: Any) -> str:
 
 
 RERUN_KEYWORDS = ("device", "dtype", "out_shard_size", "utility_samples", "screen_utility", "unaligned_kind",
-                  "allow_nonfinite", "as_full", "as_lora", "front")
-"""``repair`` keywords a recipe's ``run:`` section sets: those that change the output's bits."""
+                  "allow_nonfinite", "allow_pickle", "as_full", "as_lora", "front")
+"""``repair`` keywords a recipe's ``run:`` section sets: those that change the output's bits, and
+``allow_pickle``, without which a pickle input could not be read again."""
 
 
 def _from_recipe(recipe: Recipe, values: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     kw = {"base": base, "finetuned": finetuned, "unaligned": unaligned, "unaligned_kind": unaligned_kind,
           "safety_data": safety_data, "utility_data": utility_data, "utility_samples": utility_samples,
           "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
-          "allow_nonfinite": allow_nonfinite, "as_full": as_full, "as_lora": as_lora, "front": front}
+          "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle, "as_full": as_full, "as_lora": as_lora,
+          "front": front}
     if given is None:
         defaults = {key: p.default for key, p in inspect.signature(repair).parameters.items()}
         given = {key for key, value in kw.items() if value is not None and value != defaults[key]}
@@ -199,7 +201,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
         utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
         screen_utility=kw["screen_utility"], device=kw["device"], dtype=kw["dtype"],
         shard_size=_shard_bytes(kw["out_shard_size"]), overwrite=overwrite, dry_run=dry_run,
-        allow_nonfinite=kw["allow_nonfinite"], allow_pickle=allow_pickle, as_full=kw["as_full"],
+        allow_nonfinite=kw["allow_nonfinite"], allow_pickle=kw["allow_pickle"], as_full=kw["as_full"],
         as_lora=kw["as_lora"], hessian_cache=_path(cache_dir),
         no_cache=no_cache, command=command or _call("repair", kw["base"], kw["finetuned"], out, method=name,
                                                     **values),
@@ -224,7 +226,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
 def merge_lora(base: PathLike, user: PathLike, reinforce: PathLike, out: PathLike, *,
                recipe: PathLike | None = None, alpha: float | None = None, scale: float | None = None,
                as_adapter: bool = False, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
-               progress: bool = False, command: str | None = None) -> dict[str, Any]:
+               allow_pickle: bool = False, progress: bool = False, command: str | None = None) -> dict[str, Any]:
     """QR-merge the user's LoRA and a ReinforceLoRA onto ``base`` into ``out``; return the report.
 
     The report is the dict written to ``OUT/deltafix_report.json`` (its ``parameters`` hold the
@@ -239,7 +241,8 @@ def merge_lora(base: PathLike, user: PathLike, reinforce: PathLike, out: PathLik
     return run_merge_lora(MergeOptions(
         base=str(base), user=str(user), reinforce=str(reinforce), out=Path(out), alpha=params.alpha,
         scale=params.scale, as_adapter=as_adapter, shard_size=_shard_bytes(out_shard_size), overwrite=overwrite,
-        command=command or _call("merge_lora", base, user, reinforce, out, **given), progress=progress,
+        allow_pickle=allow_pickle, command=command or _call("merge_lora", base, user, reinforce, out, **given),
+        progress=progress,
     ))
 
 
@@ -357,7 +360,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
          utility_data: PathLike | None = None, utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
          recipe: PathLike | None = None, device: str = DEVICE, dtype: str = DTYPE,
          out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False, allow_nonfinite: bool = False,
-         gate: bool = False, max_asr: float = DEFAULT_MAX_ASR, min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
+         allow_pickle: bool = False, gate: bool = False, max_asr: float = DEFAULT_MAX_ASR,
+         min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
          max_utility_drop: float | None = None, harmful: PathLike | None = None, benign: PathLike | None = None,
          utility: PathLike | None = None, answers: PathLike | None = None, force: bool = False,
          private: bool = False, create_pr: bool = False, dry_run: bool = False,
@@ -392,7 +396,7 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
         method=name, params=method_params, unaligned=_ref(unaligned), unaligned_kind=unaligned_kind,
         safety_data=_path(safety_data), utility_data=_path(utility_data), utility_samples=utility_samples,
         screen_utility=screen_utility, device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size),
-        overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         command=command or _call("push", base, finetuned, push, method=name, **values), progress=progress,
     )
     result = run_hub(opts, PushOptions(push, private=private, create_pr=create_pr, force=force, dry_run=dry_run),

@@ -112,6 +112,10 @@ UTILITY_OPTION = typer.Option(None, "--utility", help="Task items: JSONL {\"prom
                               "and/or {\"text\"} (perplexity).")
 EVAL_BASE_OPTION = typer.Option(None, "--base", help="Base model for an adapter MODEL (default: the adapter's own "
                                 "base_model_name_or_path).")
+PICKLE_OPTION = typer.Option(False, "--allow-pickle",
+                             help="Read pickle (.bin) weights and adapters: tensors only, by weights-only unpickling "
+                                  "(never runs code from the file; anything else is refused), converted to "
+                                  "safetensors in a temporary folder first.")
 MAX_NEW_TOKENS_OPTION = typer.Option(
     EVAL_MAX_NEW_TOKENS, "--max-new-tokens", parser=resolve_max_new_tokens, metavar="N|PRESET",
     help="Greedy generation length per prompt, a number or a paper's preset: "
@@ -177,10 +181,7 @@ def repair(
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print the plan, shard layout and memory estimate; write nothing."),
     allow_nonfinite: bool = NONFINITE_OPTION,
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Read pickle (.bin) weights: tensors only, by weights-only unpickling "
-                                           "(never runs code from the file; anything else is refused), converted "
-                                           "to safetensors in a temporary folder first."),
+    allow_pickle: bool = PICKLE_OPTION,
     as_full: bool = typer.Option(False, "--as-full",
                                  help="For an adapter F: write a merged full checkpoint even when the method "
                                       "could keep an adapter (asft, safelora)."),
@@ -254,6 +255,7 @@ def inspect(
     base: str = typer.Option(..., "--base", help="Aligned base model A: local folder or Hub id."),
     finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model F: full checkpoint or PEFT LoRA "
                                   "adapter folder, or Hub id."),
+    allow_pickle: bool = PICKLE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
     """Show what the fine-tune changed: relative delta norm per tensor, sorted by layer, plus checks.
@@ -261,7 +263,7 @@ def inspect(
     An adapter F is compared as A with the adapter merged in, as repair reads it."""
     from deltafix.inspect import inspect_delta
 
-    rows, notes = inspect_delta(base, finetuned, progress=not as_json)
+    rows, notes = inspect_delta(base, finetuned, allow_pickle=allow_pickle, progress=not as_json)
     width = max((len(r["name"]) for r in rows), default=10)
     lines = [f"{'tensor':<{width}}  {'|δ|/|W_A|':>10}  {'|δ|':>10}"]
     lines += [f"{r['name']:<{width}}  {r['relative_delta']:>10.3e}  {r['delta_norm']:>10.3e}" for r in rows]
@@ -293,6 +295,7 @@ def hub(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a non-empty --out (the default folder is always replaced)."),
     allow_nonfinite: bool = NONFINITE_OPTION,
+    allow_pickle: bool = PICKLE_OPTION,
     gate: bool = typer.Option(False, "--gate", help="Evaluate the repaired model and upload only if it passes: "
                               "attack success rate, benign helpfulness and, with --utility, the utility drop "
                               "versus the fine-tune."),
@@ -319,7 +322,7 @@ def hub(
         base, finetuned, push, out=out, method=method, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
         screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype, out_shard_size=out_shard_size,
-        overwrite=overwrite, allow_nonfinite=allow_nonfinite, gate=gate, max_asr=max_asr,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, gate=gate, max_asr=max_asr,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
         max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,
         force=force, private=private, create_pr=create_pr, dry_run=dry_run, overrides=parse_sets(set_),
@@ -372,6 +375,7 @@ def merge_lora(
                                     help="Write the exact rank r_u + r_r adapter (scaling 1) instead of a checkpoint."),
     out_shard_size: str = SHARD_SIZE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
+    allow_pickle: bool = PICKLE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON result instead of the summary."),
 ) -> None:
     """QR-merge a user LoRA and a ReinforceLoRA onto A (Buffer-and-Reinforce).
@@ -382,7 +386,7 @@ def merge_lora(
     """
     report = api.merge_lora(base, user, reinforce, out, recipe=recipe, alpha=alpha, scale=scale,
                             as_adapter=as_adapter, out_shard_size=out_shard_size, overwrite=overwrite,
-                            progress=not as_json, command=invocation())
+                            allow_pickle=allow_pickle, progress=not as_json, command=invocation())
     params = report["parameters"]
     emit(as_json, {"out": str(out), **report},
          f"merged {len(report['modules'])} modules (alpha={params['alpha']}, c={params['scale']}) into {out} as "

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from deltafix.io.overlay import open_finetuned
+from deltafix.io.pickled import pickle_or
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.engine.plan import build_plan
@@ -20,15 +21,16 @@ def _layer_key(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else 1 << 30, name)
 
 
-def inspect_delta(base: str, finetuned: str, *, progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+def inspect_delta(base: str, finetuned: str, *, allow_pickle: bool = False,
+                  progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
     """Per-tensor ‖δ‖ and ‖δ‖/‖W_A‖ (fp32), sorted by layer, plus the plan's validation notes.
 
     F is opened as ``repair`` opens it: a PEFT LoRA adapter folder counts as A with the adapter
-    merged in, so the rows show the adapter's delta.
+    merged in, so the rows show the adapter's delta. Pickle weights only with ``allow_pickle``.
     """
-    a_folder = resolve_ref(base).folder
-    a = CheckpointReader(a_folder)
-    f = open_finetuned(resolve_ref(finetuned).folder, a_folder, a)
+    a = pickle_or(resolve_ref(base).folder, allow_pickle, CheckpointReader)
+    assert isinstance(a, CheckpointReader)
+    f = open_finetuned(resolve_ref(finetuned).folder, a, allow_pickle)
     plan = build_plan(a, f)
     rows = []
     for spec in tqdm(plan.tensors, desc="inspect", unit="tensor", disable=None if progress else True):

@@ -169,6 +169,7 @@ class RecipeRun(BaseModel):
     screen_utility: bool | None = None
     unaligned_kind: str | None = None
     allow_nonfinite: bool | None = None
+    allow_pickle: bool | None = None
     as_full: bool | None = None
     as_lora: int | None = None
     front: bool | None = None

@@ -122,3 +122,80 @@ def test_pickle_is_refused_without_the_flag(trio: dict[str, Path], tmp_path: Pat
     line = one_line(ran.stderr)
     assert "--allow-pickle" in line and "never runs code" in line
     assert not (tmp_path / "R").exists()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of each tensor's bytes in the output's safetensors files, by name."""
+    import hashlib
+
+    return {name: hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(str(file)).items()}
+
+
+def adapter_as_pickle(src: Path, dst: Path) -> Path:
+    """A copy of the PEFT adapter folder ``src`` with ``adapter_model.bin`` instead of safetensors."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(str(src / "adapter_model.safetensors")), dst / "adapter_model.bin")
+    return dst
+
+
+@pytest.fixture
+def lora(trio: dict[str, Path], tmp_path: Path) -> Path:
+    from peft import LoraConfig
+    from peft_models import save_adapter
+
+    return save_adapter(trio["A"], tmp_path / "lora", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+
+def test_pickle_adapter_repairs_like_its_safetensors_twin(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
+    pickled = adapter_as_pickle(lora, tmp_path / "lora_bin")
+    refused = repair(trio, pickled, tmp_path / "R_no")
+    assert refused.returncode == 2
+    assert "adapter_model.bin" in (line := one_line(refused.stderr)) and "--allow-pickle" in line
+    ran = repair(trio, pickled, tmp_path / "R_bin", "--allow-pickle")
+    assert ran.returncode == 0, ran.stderr
+    assert repair(trio, lora, tmp_path / "R_st").returncode == 0
+    assert digests(tmp_path / "R_bin") == digests(tmp_path / "R_st")
+    report = json.loads((tmp_path / "R_bin" / "deltafix_report.json").read_text())
+    assert report["inputs"]["finetuned"]["converted_from_pickle"] == ["adapter_model.bin"]
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_rerun_from_the_recipe_reads_pickle_again(trio: dict[str, Path], tmp_path: Path) -> None:
+    pickled = as_pickle(trio["F"], tmp_path / "F_bin")
+    assert repair(trio, pickled, tmp_path / "R", "--allow-pickle").returncode == 0
+    recipe = tmp_path / "R" / "deltafix_recipe.yaml"
+    assert "allow_pickle: true" in recipe.read_text()
+    rerun = deltafix(tmp_path / "tmp", "repair", "--recipe", recipe, "--out", tmp_path / "R2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert digests(tmp_path / "R2") == digests(tmp_path / "R")
+
+
+def test_inspect_reads_pickle_only_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
+    """A pickle base and a pickle adapter: the same rows as their safetensors twins."""
+    base, adapter = as_pickle(trio["A"], tmp_path / "A_bin"), adapter_as_pickle(lora, tmp_path / "lora_bin")
+    refused = deltafix(tmp_path / "tmp", "inspect", "--base", trio["A"], "--finetuned", adapter)
+    assert refused.returncode == 2 and "--allow-pickle" in one_line(refused.stderr)
+    ran = deltafix(tmp_path / "tmp", "inspect", "--base", base, "--finetuned", adapter, "--allow-pickle", "--json")
+    assert ran.returncode == 0, ran.stderr
+    same = deltafix(tmp_path / "tmp", "inspect", "--base", trio["A"], "--finetuned", lora, "--json")
+    assert json.loads(ran.stdout) == json.loads(same.stdout)
+    assert any(row["delta_norm"] > 0 for row in json.loads(ran.stdout)["tensors"])
+
+
+def test_merge_lora_reads_pickle_adapters_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig
+    from peft_models import save_adapter
+
+    reinforce = save_adapter(trio["A"], tmp_path / "reinforce", LoraConfig(r=2, lora_alpha=4,
+                                                                         target_modules=["q_proj", "o_proj"]), seed=2)
+    pickled = adapter_as_pickle(reinforce, tmp_path / "reinforce_bin")
+
+    def merge(reinforce_folder: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+        return deltafix(tmp_path / "tmp", "merge-lora", "--base", as_pickle(trio["A"], out.with_name(out.name + "_A"))
+                        if flags else trio["A"], "--user", lora, "--reinforce", reinforce_folder, "--out", out, *flags)
+
+    ran = merge(pickled, tmp_path / "M_bin", "--allow-pickle")  # a pickle base as well
+    assert ran.returncode == 0, ran.stderr
+    assert merge(reinforce, tmp_path / "M_st").returncode == 0
+    assert digests(tmp_path / "M_bin") == digests(tmp_path / "M_st")

@@ -37,7 +37,7 @@ def test_every_reader_is_a_tensor_index_and_a_remote_one_only_headers(trio: dict
 
     lora = save_adapter(trio["A"], tmp_path / "lora", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     aligned = CheckpointReader(trio["A"])
-    merged = open_finetuned(lora, trio["A"], aligned)
+    merged = open_finetuned(lora, aligned)
     header = SimpleNamespace(dtype="F32", shape=[2, 3], data_offsets=(0, 24))
     remote = RemoteCheckpoint("me/x", trio["A"], SimpleNamespace(files_metadata={
         "model.safetensors": SimpleNamespace(tensors={"w": header})}))

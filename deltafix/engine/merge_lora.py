@@ -23,6 +23,7 @@ from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
+from deltafix.io.pickled import pickle_or
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.io.staging import remove_stale
@@ -76,15 +77,16 @@ class MergeOptions:
     as_adapter: bool = False
     shard_size: int = OUT_SHARD_BYTES
     overwrite: bool = False
+    allow_pickle: bool = False
     command: str = ""
     progress: bool = True
 
 
-def _adapter(ref: str, role: str, base: CheckpointReader) -> tuple[LoraAdapter, Path]:
+def _adapter(ref: str, role: str, base: CheckpointReader, allow_pickle: bool) -> tuple[LoraAdapter, Path]:
     folder = resolve_ref(ref).folder
     if not is_adapter_folder(folder):
         raise InputError(f"the {role} adapter {ref} has no adapter_config.json; pass a PEFT LoRA adapter folder.")
-    return LoraAdapter.load(folder, base=base), folder
+    return LoraAdapter.load(folder, base=base, allow_pickle=allow_pickle), folder
 
 
 def _check_options(opts: MergeOptions) -> None:
@@ -123,9 +125,10 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
     started = time.perf_counter()
     _check_options(opts)
     base_ref = resolve_ref(opts.base)
-    base = CheckpointReader(base_ref.folder)
-    user, user_folder = _adapter(opts.user, "user", base)
-    reinforce, reinforce_folder = _adapter(opts.reinforce, "reinforce", base)
+    base = pickle_or(base_ref.folder, opts.allow_pickle, CheckpointReader)
+    assert isinstance(base, CheckpointReader)
+    user, user_folder = _adapter(opts.user, "user", base, opts.allow_pickle)
+    reinforce, reinforce_folder = _adapter(opts.reinforce, "reinforce", base, opts.allow_pickle)
     check_mergeable(user, reinforce)
     _check_adapter_finite(user, "user")
     _check_adapter_finite(reinforce, "reinforce")

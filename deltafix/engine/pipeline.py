@@ -132,8 +132,7 @@ def open_inputs(opts: RepairOptions) -> Inputs:
     assert isinstance(aligned, CheckpointReader)
     readers: dict[str, TensorIndex] = {
         "aligned": aligned,
-        "finetuned": pickle_or(refs["finetuned"].folder, opts.allow_pickle,
-                               lambda folder: open_finetuned(folder, refs["aligned"].folder, aligned)),
+        "finetuned": open_finetuned(refs["finetuned"].folder, aligned, opts.allow_pickle),
     }
     if "unaligned" in refs:
         readers["unaligned"] = pickle_or(refs["unaligned"].folder, opts.allow_pickle, CheckpointReader)
@@ -171,8 +170,8 @@ def estimate_dry_run(opts: RepairOptions, method: Method, inputs: Inputs, plan: 
 
 def _input_record(ref: ResolvedRef, reader: TensorIndex, digests: dict[Path, Future[str]]) -> dict[str, Any]:
     record = input_record(ref.ref, ref.repo_id, ref.revision, {f.name: digests[f].result() for f in reader.files})
-    if isinstance(reader, PickleCheckpoint):  # the hashes are of the safetensors converted from these
-        record["converted_from_pickle"] = reader.pickle_files
+    if isinstance(reader, (PickleCheckpoint, AdapterCheckpoint)) and reader.pickle_files:
+        record["converted_from_pickle"] = reader.pickle_files  # the hashes are of the safetensors made from these
     return record
 
 
@@ -466,8 +465,8 @@ def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: R
     run = RecipeRun(device=str(resolve_device(opts.device)), dtype=opts.dtype, out_shard_size=opts.shard_size,
                     utility_samples=opts.utility_samples, screen_utility=opts.screen_utility,
                     unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
-                    allow_nonfinite=opts.allow_nonfinite, as_full=opts.as_full, as_lora=opts.as_lora,
-                    front=opts.front)
+                    allow_nonfinite=opts.allow_nonfinite, allow_pickle=opts.allow_pickle, as_full=opts.as_full,
+                    as_lora=opts.as_lora, front=opts.front)
     recipe = recipe_yaml(method.name, opts.params, inputs=recorded, data=inputs.data, run=run)
     write_provenance(tmp, report, recipe, inputs.finetuned.folder)
 

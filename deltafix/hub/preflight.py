@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deltafix.errors import InputError
+from deltafix.io.pickled import is_pickle_only
 from deltafix.io.reader import SAFETENSORS_DTYPES, CheckpointReader, TensorHeaders, TensorInfo
 from deltafix.io.refs import parse_hub_ref
 from deltafix.engine.plan import build_plan
@@ -113,7 +114,8 @@ def _remote(client: HeaderSource, ref: str, repo_id: str, revision: str | None) 
     return RemoteCheckpoint(repo_id, config.parent, metadata)
 
 
-def preflight(client: HeaderSource, base: str, finetuned: str, unaligned: str | None = None) -> Preflight | None:
+def preflight(client: HeaderSource, base: str, finetuned: str, unaligned: str | None = None,
+              allow_pickle: bool = False) -> Preflight | None:
     """Pair A, F (and P) from headers alone; raises ``MismatchError`` exactly as a repair would.
 
     Local refs are read from disk (headers only); Hub refs through ``client``. Without any Hub ref
@@ -127,6 +129,8 @@ def preflight(client: HeaderSource, base: str, finetuned: str, unaligned: str | 
             continue
         hub = parse_hub_ref(ref)
         if hub is None:
+            if allow_pickle and is_pickle_only(Path(ref).expanduser()):
+                return Preflight(skipped=f"{ref} has pickle weights, checked as they are converted")
             views[role] = CheckpointReader(Path(ref).expanduser())
             continue
         view = _remote(client, ref, *hub)

@@ -168,7 +168,7 @@ def run_hub(opts: RepairOptions, push: PushOptions, *, gate_fn: GateFn | None = 
     if hub_offline():
         say("offline (HF_HUB_OFFLINE=1): skipped the remote pre-flight; inputs come from the local Hub cache.")
     else:
-        checked = preflight(client, opts.base, opts.finetuned, opts.unaligned)
+        checked = preflight(client, opts.base, opts.finetuned, opts.unaligned, opts.allow_pickle)
         if checked is not None:
             say(checked.summary())
 

@@ -187,22 +187,33 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     replaced: dict[str, TensorInfo]
     weights_file: Path
+    keep_alive: object = dataclasses.field(default=None, repr=False, compare=False)
+    """The staging folder that holds ``weights_file`` when it was converted from a pickle."""
 
     @classmethod
-    def load(cls, folder: str | Path, base: CheckpointReader | None = None) -> LoraAdapter:
-        """Read ``folder``; with ``base``, resolve names against it and ``validate_against`` it."""
+    def load(cls, folder: str | Path, base: CheckpointReader | None = None,
+             allow_pickle: bool = False) -> LoraAdapter:
+        """Read ``folder``; with ``base``, resolve names against it and ``validate_against`` it.
+
+        With ``allow_pickle``, an adapter saved only as ``adapter_model.bin`` is read by
+        weights-only unpickling into a private safetensors copy (``io.pickled``)."""
         folder = Path(folder)
         config = read_adapter_config(folder)
-        weights_file = folder / WEIGHTS_NAME
+        weights_file, keep_alive = folder / WEIGHTS_NAME, None
         if not weights_file.is_file():
-            raise InputError(
-                f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; pickle adapters are not read, "
-                "re-save the adapter with safetensors."
-            )
+            from deltafix.io.pickled import PICKLE_ADAPTER, convert_pickle_adapter
+
+            if not (folder / PICKLE_ADAPTER).is_file():
+                raise InputError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; re-save the adapter.")
+            if not allow_pickle:
+                raise InputError(f"{folder} has only a pickle {PICKLE_ADAPTER}, which can run code when loaded; pass "
+                                 "--allow-pickle to load its tensors only (weights-only unpickling, which never "
+                                 "runs code from the file), or re-save the adapter with safetensors.")
+            keep_alive, weights_file = convert_pickle_adapter(folder)
         headers, _ = read_safetensors_header(weights_file)
         base_names = set(base.names) if base is not None else None
         factors, replaced = _parse_keys(folder, headers, base_names)
-        adapter = cls(folder, config, {}, replaced, weights_file)
+        adapter = cls(folder, config, {}, replaced, weights_file, keep_alive)
         with safe_open(str(weights_file), framework="pt", device="cpu") as handle:
             for name, parts in factors.items():
                 adapter.modules[name] = _build_module(folder, config, name, parts, handle, base)

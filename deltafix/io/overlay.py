@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
+from deltafix.io.pickled import PICKLE_ADAPTER, pickle_or
 from deltafix.io.reader import CheckpointReader, TensorIndex, TensorInfo
 
 
@@ -23,6 +24,8 @@ class AdapterCheckpoint:
         self.adapter = adapter
         self.folder = adapter.folder
         self.files = [adapter.weights_file]
+        self.pickle_files = [PICKLE_ADAPTER] if adapter.keep_alive is not None else []
+        """The pickle file ``files`` were converted from (``--allow-pickle``), if any."""
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {
             name: adapter.replaced.get(name, info) for name, info in base.tensors.items()
@@ -52,9 +55,10 @@ class AdapterCheckpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_finetuned(folder: Path, base_folder: Path, aligned: CheckpointReader) -> TensorIndex:
-    """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly."""
+def open_finetuned(folder: Path, aligned: CheckpointReader, allow_pickle: bool = False) -> TensorIndex:
+    """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly;
+    pickle weights of either only with ``allow_pickle`` (``io.pickled``)."""
     if not is_adapter_folder(folder):
-        return CheckpointReader(folder)
-    adapter = LoraAdapter.load(folder, base=aligned)
-    return AdapterCheckpoint(CheckpointReader(base_folder), adapter)
+        return pickle_or(folder, allow_pickle, CheckpointReader)
+    adapter = LoraAdapter.load(folder, base=aligned, allow_pickle=allow_pickle)
+    return AdapterCheckpoint(aligned.reopened(), adapter)

@@ -24,12 +24,14 @@ import torch
 from safetensors.torch import save_file
 
 from deltafix.errors import InputError
+from deltafix.io.lora import WEIGHTS_NAME
 from deltafix.io.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader, TensorIndex
 from deltafix.io.staging import StagingFolder
 from deltafix.io.strictjson import parse_json_object
 
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_ADAPTER = "adapter_model.bin"
 
 
 def is_pickle_only(folder: Path) -> bool:
@@ -44,6 +46,23 @@ def pickle_or(folder: Path, allow_pickle: bool, open_: Callable[[Path], TensorIn
     if allow_pickle and is_pickle_only(folder):
         return PickleCheckpoint(folder)
     return open_(folder)
+
+
+def convert_pickle_adapter(folder: Path) -> tuple[StagingFolder, Path]:
+    """A PEFT adapter's ``adapter_model.bin`` as a safetensors file in a private staging folder,
+    and that folder, which removes itself once nothing holds it (the ``LoraAdapter`` keeps it)."""
+    staging = StagingFolder()
+    target = staging.path / WEIGHTS_NAME
+    _to_safetensors(folder / PICKLE_ADAPTER, target)
+    return staging, target
+
+
+def _to_safetensors(source: Path, target: Path) -> None:
+    """Write the tensors of the pickle ``source`` (weights-only) as the safetensors file ``target``."""
+    state = _load_tensors(source)
+    # contiguous, unshared copies: safetensors refuses views and tied storage
+    save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()},
+              str(target), metadata={"format": "pt"})
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -97,16 +116,16 @@ class PickleCheckpoint(CheckpointReader):
             path = self._inside_source(source, shard, index)
             converted = SINGLE_NAME if weight_map is None else \
                 Path(shard).name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
-            state = _load_tensors(path)
-            # contiguous, unshared copies: safetensors refuses views and tied storage
-            save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()},
-                      str(target / converted), metadata={"format": "pt"})
-            del state
+            _to_safetensors(path, target / converted)
             names[shard] = converted
         if weight_map is not None:
             (target / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {}, "weight_map": {k: names[v] for k, v in weight_map.items()}}))
         return shards
+
+    def reopened(self) -> CheckpointReader:
+        """A second reader over the converted files (kept as long as this reader lives)."""
+        return CheckpointReader(self.staging.path)
 
     @staticmethod
     def _inside_source(source: Path, shard: str, index: Path) -> Path:

@@ -234,7 +234,7 @@ class CheckpointReader:
             raise InputError(f"{self.folder} holds several .safetensors files but no {INDEX_NAME}.")
         if any((self.folder / n).exists() for n in PICKLE_NAMES) or list(self.folder.glob("*.bin")):
             raise InputError(f"{self.folder} has only pickle (.bin) weights, which can run code when loaded; "
-                             "pass --allow-pickle to `deltafix repair` to load their tensors only (weights-only "
+                             "pass --allow-pickle to load their tensors only (weights-only "
                              "unpickling, which never runs code from the file) into safetensors, or convert "
                              "them to safetensors yourself.")
         raise InputError(f"{self.folder} contains no safetensors weights (model.safetensors or an index).")
@@ -346,6 +346,11 @@ class CheckpointReader:
         with warnings.catch_warnings():  # torch warns that the map is read-only; nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(region, dtype=info.dtype, offset=first - aligned, count=count)
+
+    def reopened(self) -> CheckpointReader:
+        """A second reader over the same files, with its own open shard: two streams over one
+        checkpoint (A itself, and A under an adapter) would otherwise reopen shards in turn."""
+        return CheckpointReader(self.folder)
 
     def close(self) -> None:
         if self._handle is not None:

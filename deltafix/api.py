@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 from deltafix.errors import InputError, OptionError
+from deltafix.io.datasets_source import with_columns
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE, EVAL_JUDGE,
                               EVAL_MAX_NEW_TOKENS, OUT_SHARD_SIZE, UTILITY_SAMPLES)
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from deltafix.options import Recipe
 
 PathLike = str | Path
+Columns = str | Mapping[str, str] | None
+"""``--columns``: record fields read from other columns of ``hf:`` data, ``"prompt=instruction"`` or a mapping."""
 Echo = Callable[[str], None]
 """Receives each line the command line prints on stderr besides progress (the method note, the
 Hub's pre-flight), as it would print it; without one, the API keeps them with the result."""
@@ -149,7 +152,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
            dtype: str = DTYPE, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
            dry_run: bool = False, allow_nonfinite: bool = False, allow_pickle: bool = False, as_full: bool = False,
            as_lora: int | None = None, no_cache: bool = False, cache_dir: PathLike | None = None, front: bool = False,
-           overrides: Mapping[str, Any] | None = None,
+           columns: Columns = None, overrides: Mapping[str, Any] | None = None,
            progress: bool = False, echo: Echo | None = None, command: str | None = None,
            given: Collection[str] | None = None, **params: Any) -> dict[str, Any]:
     """Repair ``finetuned`` against ``base`` into ``out`` and return the report.
@@ -160,9 +163,11 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     ``memory``, ``notes``), what ``deltafix repair --dry-run --json`` prints. Every keyword has the meaning of
     the ``deltafix repair`` flag of that name; ``params`` are the method's parameters, e.g.
     ``scale=0.1`` or ``mu="auto"``, and ``overrides`` the same as a mapping (``--set``, for a name
-    that is also a keyword here). The note the command line prints when it picks the method goes
-    to ``echo``, or without one into the result's ``notes``. ``command`` is what the report and
-    card record as the invocation (default: this call).
+    that is also a keyword here). Data may be ``hf:`` datasets (``deltafix.io.datasets_source``);
+    ``columns`` (``"prompt=instruction,response=output"`` or a mapping) is ``--columns``. The
+    note the command line prints when it picks the method goes to ``echo``, or without one into
+    the result's ``notes``. ``command`` is what the report and card record as the invocation
+    (default: this call).
 
     A recipe written into an earlier OUT (``OUT/deltafix_recipe.yaml``) also records that run's
     inputs, data and run options: ``repair(None, None, "NEW", recipe=...)`` reruns it bit for bit,
@@ -194,6 +199,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
         if kw[role] is None:
             raise OptionError(f"--{role} is missing: pass it, or --recipe OUT/deltafix_recipe.yaml of an earlier "
                               "repair, which records its inputs.")
+    kw["safety_data"], kw["utility_data"] = with_columns(columns, kw["safety_data"], kw["utility_data"])
     name, method_params, note = _method(method, recipe, values, kw["utility_data"], echo)
     result = run_repair(RepairOptions(
         base=str(kw["base"]), finetuned=str(kw["finetuned"]), out=Path(out), method=name, params=method_params,
@@ -274,7 +280,7 @@ def evaluate(model: PathLike, *, harmful: Prompts = None, benign: Prompts = None
              base: PathLike | None = None, max_new_tokens: int | str = EVAL_MAX_NEW_TOKENS,
              batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
              judge: str = EVAL_JUDGE, judge_refusal_label: str | None = None, judge_unsafe_label: str | None = None,
-             progress: bool = False) -> EvalResult:
+             columns: Columns = None, progress: bool = False) -> EvalResult:
     """Score ``model`` as ``deltafix eval`` does and return its ``EvalResult``.
 
     The result holds the attack success rate, benign helpfulness, task accuracy and perplexity
@@ -283,11 +289,13 @@ def evaluate(model: PathLike, *, harmful: Prompts = None, benign: Prompts = None
     also writes those answers as JSONL (its folder is checked before any generation).
     ``max_new_tokens`` is a count or a preset of ``deltafix.options.EVAL_NEW_TOKEN_PRESETS``;
     ``judge`` is ``keyword`` or a text-classification model (folder or Hub id) with one of
-    ``judge_refusal_label`` / ``judge_unsafe_label`` (``deltafix.evaluation.judges``).
+    ``judge_refusal_label`` / ``judge_unsafe_label`` (``deltafix.evaluation.judges``). Data may
+    be ``hf:`` datasets, ``columns`` mapping their columns as in ``repair``.
     """
     from deltafix.evaluation.evaluate import check_answers_path, write_answers
     from deltafix.evaluation.judges import load_judges
 
+    harmful, benign, utility = with_columns(columns, harmful, benign, utility)
     spec, tokens = _judging(judge, judge_refusal_label, judge_unsafe_label, max_new_tokens)
     if answers is not None:
         check_answers_path(Path(answers))
@@ -304,7 +312,7 @@ def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLi
          utility: PathLike | None = None, base: PathLike | None = None, max_new_tokens: int | str = EVAL_MAX_NEW_TOKENS,
          batch_size: int = EVAL_BATCH_SIZE, device: str = DEVICE, answers: PathLike | None = None,
          judge: str = EVAL_JUDGE, judge_refusal_label: str | None = None, judge_unsafe_label: str | None = None,
-         progress: bool = False) -> GateReport:
+         columns: Columns = None, progress: bool = False) -> GateReport:
     """Evaluate ``model`` (and ``reference``) and check the release thresholds, as ``deltafix gate``.
 
     Returns the verdict, a ``GateReport``: ``passed`` (where the command exits 0, else 1), the
@@ -313,7 +321,7 @@ def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLi
     are checked before any model is loaded; ``min_benign_help=0`` turns that check off, and
     ``max_utility_drop`` (default ``deltafix.options.DEFAULT_MAX_UTILITY_DROP``) applies with a
     ``reference``, which needs ``utility`` data to compare on. ``max_new_tokens`` and the
-    ``judge`` keywords are ``evaluate``'s; one judge scores both models.
+    ``judge`` and ``columns`` keywords are ``evaluate``'s; one judge scores both models.
     """
     from deltafix.evaluation.evaluate import check_answers_path, write_answers
     from deltafix.evaluation.gate import check_thresholds
@@ -324,6 +332,7 @@ def gate(model: PathLike, *, max_asr: float = DEFAULT_MAX_ASR, reference: PathLi
                      has_reference=reference is not None)
     if reference is not None and utility is None:
         raise OptionError("--reference is compared on task data: pass --utility FILE too, or drop --reference.")
+    harmful, benign, utility = with_columns(columns, harmful, benign, utility)
     spec, tokens = _judging(judge, judge_refusal_label, judge_unsafe_label, max_new_tokens)
     if answers is not None:
         check_answers_path(Path(answers))
@@ -364,7 +373,7 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
          min_benign_help: float = DEFAULT_MIN_BENIGN_HELP,
          max_utility_drop: float | None = None, harmful: PathLike | None = None, benign: PathLike | None = None,
          utility: PathLike | None = None, answers: PathLike | None = None, force: bool = False,
-         private: bool = False, create_pr: bool = False, dry_run: bool = False,
+         private: bool = False, create_pr: bool = False, dry_run: bool = False, columns: Columns = None,
          overrides: Mapping[str, Any] | None = None, progress: bool = False, echo: Echo | None = None,
          command: str | None = None, **params: Any) -> HubResult:
     """Download A and F, repair F, optionally gate it, and upload it to the Hub repo ``push``.
@@ -382,6 +391,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
     from deltafix.hub.push import PushOptions, cli_gate, default_out, run_hub
 
     values = {**(overrides or {}), **params}
+    safety_data, utility_data, harmful, benign, utility = with_columns(columns, safety_data, utility_data, harmful,
+                                                                       benign, utility)
     name, method_params, note = _method(method, recipe, values, utility_data, echo)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
                  "--max-utility-drop": max_utility_drop}

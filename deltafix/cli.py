@@ -83,9 +83,16 @@ UNALIGNED_OPTION = typer.Option(None, "--unaligned", help="Unaligned model P, ne
 UNALIGNED_KIND_OPTION = typer.Option(None, "--unaligned-kind", show_default="base",
                                      help="What --unaligned is: base (the pre-alignment model) or harmful-finetune "
                                           "(A fine-tuned on harmful data); recorded in the report and card.")
-SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL (default: built-in set).")
+SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL, or an hf: dataset "
+                                  "(see --columns) (default: built-in set).")
 UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
-                                   help="Sample of the user's fine-tuning data, JSONL (needed by regmean).")
+                                   help="Sample of the user's fine-tuning data, JSONL or an hf: dataset (see "
+                                        "--columns) (needed by regmean).")
+COLUMNS_OPTION = typer.Option(None, "--columns", metavar="FIELD=COLUMN,...",
+                              help="Data given as hf:org/name[@rev][:split] or hf:/local/folder[:split] is read "
+                                   "with the datasets library (pip install 'deltafix[datasets]'); this reads each "
+                                   "record field from another column, e.g. prompt=instruction,response=output, "
+                                   "for every hf: argument without its own #FIELD=COLUMN,... suffix.")
 UTILITY_SAMPLES_OPTION = typer.Option(UTILITY_SAMPLES, "--utility-samples", min=1,
                                       help="Conversations of --utility-data used for calibration, evenly spaced "
                                            "through the file (all when it holds fewer).")
@@ -105,7 +112,8 @@ SHARD_SIZE_OPTION = typer.Option(OUT_SHARD_SIZE, "--out-shard-size",
 NONFINITE_OPTION = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the fine-tune.")
 
 HARMFUL_OPTION = typer.Option(None, "--harmful", show_default="built-in harmful eval set",
-                              help="Harmful prompts: JSONL with \"prompt\" or one prompt per line.")
+                              help="Harmful prompts: JSONL with \"prompt\", one prompt per line, or an hf: "
+                                   "dataset (see --columns).")
 BENIGN_OPTION = typer.Option(None, "--benign", show_default="built-in benign set",
                              help="Benign prompts (over-refusal check): JSONL with \"prompt\" or plain lines.")
 UTILITY_OPTION = typer.Option(None, "--utility", help="Task items: JSONL {\"prompt\",\"answer\"} (exact match) "
@@ -165,6 +173,7 @@ def repair(
     unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    columns: Optional[str] = COLUMNS_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
     screen_utility: bool = SCREEN_OPTION,
     recipe: Optional[Path] = typer.Option(
@@ -216,7 +225,7 @@ def repair(
         screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         as_full=as_full, as_lora=as_lora, no_cache=no_cache,
-        cache_dir=cache_dir, front=front, overrides=parse_sets(set_), progress=not as_json, echo=say,
+        cache_dir=cache_dir, front=front, columns=columns, overrides=parse_sets(set_), progress=not as_json, echo=say,
         command=invocation(), given=given,
     )
     if dry_run:
@@ -285,6 +294,7 @@ def hub(
     unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
+    columns: Optional[str] = COLUMNS_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
     screen_utility: bool = SCREEN_OPTION,
     recipe: Optional[Path] = RECIPE_OPTION,
@@ -325,7 +335,8 @@ def hub(
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, gate=gate, max_asr=max_asr,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
         max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,
-        force=force, private=private, create_pr=create_pr, dry_run=dry_run, overrides=parse_sets(set_),
+        force=force, private=private, create_pr=create_pr, dry_run=dry_run, columns=columns,
+        overrides=parse_sets(set_),
         progress=not as_json, echo=say, command=invocation(),
     )
     up = result.upload
@@ -428,6 +439,7 @@ def eval_(
     harmful: Optional[Path] = HARMFUL_OPTION,
     benign: Optional[Path] = BENIGN_OPTION,
     utility: Optional[Path] = UTILITY_OPTION,
+    columns: Optional[str] = COLUMNS_OPTION,
     base: Optional[str] = EVAL_BASE_OPTION,
     max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -443,7 +455,7 @@ def eval_(
     result = api.evaluate(model, harmful=harmful, benign=benign, utility=utility, base=base,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, answers=answers,
                           judge=judge, judge_refusal_label=judge_refusal_label,
-                          judge_unsafe_label=judge_unsafe_label, progress=not as_json)
+                          judge_unsafe_label=judge_unsafe_label, columns=columns, progress=not as_json)
     emit(as_json, result.to_dict(), "\n".join([*_eval_lines(result), f"({result.seconds:.1f}s)"]))
 
 
@@ -461,6 +473,7 @@ def gate_(
     harmful: Optional[Path] = HARMFUL_OPTION,
     benign: Optional[Path] = BENIGN_OPTION,
     utility: Optional[Path] = UTILITY_OPTION,
+    columns: Optional[str] = COLUMNS_OPTION,
     base: Optional[str] = EVAL_BASE_OPTION,
     max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
@@ -480,7 +493,8 @@ def gate_(
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help, report=report,
         harmful=harmful, benign=benign, utility=utility, base=base, max_new_tokens=max_new_tokens,
         batch_size=batch_size, device=device, answers=answers, judge=judge,
-        judge_refusal_label=judge_refusal_label, judge_unsafe_label=judge_unsafe_label, progress=not as_json,
+        judge_refusal_label=judge_refusal_label, judge_unsafe_label=judge_unsafe_label, columns=columns,
+        progress=not as_json,
     )
     data = api.gate_record(verdict, model, reference)
     lines = [f"{'PASS' if c.passed else 'FAIL'} {c.name} = {c.value:.3f} (must be {c.op} {c.threshold})"

@@ -148,12 +148,19 @@ class RecipeInput(BaseModel):
 
 class RecipeData(BaseModel):
     """One data file a repair read: its path as the user gave it, or ``builtin`` for the packaged
-    set (whose hash still changes when a package upgrade changes the set), and its SHA-256."""
+    set (whose hash still changes when a package upgrade changes the set), and its SHA-256. For an
+    ``hf:`` dataset (``deltafix.io.datasets_source``) the SHA-256 is of the records as loaded, and
+    the rest says what was read: the Hub id or local folder, the split, the Hub commit and the
+    ``datasets`` library's fingerprint."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str
     sha256: str
+    dataset: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
 
 
 class RecipeRun(BaseModel):
@@ -262,7 +269,7 @@ def recipe_yaml(method: str, params: MethodParams, *, inputs: dict[str, RecipeIn
     if inputs:
         document["inputs"] = {role: spec.model_dump(exclude_none=True) for role, spec in inputs.items()}
     if data:
-        document["data"] = {role: spec.model_dump() for role, spec in data.items()}
+        document["data"] = {role: spec.model_dump(exclude_none=True) for role, spec in data.items()}
     if run is not None:
         document["run"] = run.model_dump()
     return yaml.safe_dump(document, sort_keys=False)

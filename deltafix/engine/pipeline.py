@@ -26,6 +26,7 @@ from deltafix.engine.grams import method_hessians, refused_by_aligned
 from deltafix.engine.adapter import repair_adapter_factors
 from deltafix.engine.extract import check_rank, extract_lora, say_what_the_adapter_left_out
 from deltafix.io.assets import copy_assets
+from deltafix.io.datasets_source import describe_dataset, is_dataset_ref
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
 from deltafix.io.pickled import PickleCheckpoint, pickle_or
@@ -245,7 +246,8 @@ def data_files(opts: RepairOptions, method: Method) -> dict[str, RecipeData]:
     """Each data file the run reads, as the recipe records it: the user's path (or ``builtin``)
     and its SHA-256, checked against ``opts.expect_data``. A user's file is recorded whenever it is
     given; a built-in set when the method reads it (safety data for a calibrated method, tune
-    prompts for an ``auto`` budget or a ``--front``). Small files: hashed here, before the inputs."""
+    prompts for an ``auto`` budget or a ``--front``). Small files: hashed here, before the inputs;
+    an ``hf:`` dataset is loaded here to hash its records (``deltafix.io.datasets_source``)."""
     from deltafix.calibration.render import default_safety_data
     from deltafix.engine.autotune import default_tune_prompts
 
@@ -263,16 +265,20 @@ def data_files(opts: RepairOptions, method: Method) -> dict[str, RecipeData]:
     records: dict[str, RecipeData] = {}
     for role, (shown, path) in wanted.items():
         expected = opts.expect_data.get(role)
-        if not path.is_file():
+        if is_dataset_ref(shown):  # an hf: dataset: the sha256 of its records, and what it resolved to
+            loaded = describe_dataset(shown, role.replace("_", " "))
+            digest, source = loaded.sha256, loaded.recipe_fields()
+        elif not path.is_file():
             if expected is not None:
                 raise InputError(f"{role} {shown} from the recipe is no file here ({path.resolve()}); "
                                  f"pass --{role.replace('_', '-')} FILE or run from the recipe's folder.")
             continue  # the reader of this file says what is wrong with it, as without a recipe
-        digest = file_sha256(path)
+        else:
+            digest, source = file_sha256(path), {}
         if expected is not None and digest != expected:
             raise InputError(f"{role} {path} changed since the recipe was written: sha256 {digest}, "
                              f"the recipe has {expected}.")
-        records[role] = RecipeData(path=shown, sha256=digest)
+        records[role] = RecipeData(path=shown, sha256=digest, **source)
     return records
 
 
@@ -483,7 +489,8 @@ def _report(opts: RepairOptions, inputs: Inputs, plan: Plan, shards: ShardPlan,
     return run_report(
         command=opts.command, method=opts.method, parameters=opts.params.model_dump(mode="json"), inputs=records,
         output={"shards": [shards.file_name(i) for i in range(len(shards.shards))], "total_size": shards.total_bytes},
-        modules=modules, started=started, data={role: d.model_dump() for role, d in inputs.data.items()},
+        modules=modules, started=started,
+        data={role: d.model_dump(exclude_none=True) for role, d in inputs.data.items()},
         notes=plan.notes,
         totals={"tensors": len(plan.tensors), "linear_modules": len(modules),
                 "delta_norm_before": before, "delta_norm_after": after},

@@ -2,7 +2,9 @@
 
 Safety, utility and training data, eval and tune prompts all come through ``read_jsonl`` (or
 ``read_prompt_records`` for prompt lists, which also take plain text, one prompt a line), so a bad
-line fails the same way whichever command reads it: one ``InputError`` naming ``file:line``.
+line fails the same way whichever command reads it: one ``InputError`` naming ``file:line``. An
+``hf:`` argument (``hf:org/name:train``) is read by ``deltafix.io.datasets_source`` instead and
+gives the same records, named ``hf:... row N``.
 The callers keep their own reading of the fields (``prompt``, ``messages``, ``answer``,
 ``category``...); a conversation is read by ``conversation_of``.
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from deltafix.errors import InputError
+from deltafix.io.datasets_source import is_dataset_ref, read_dataset
 
 Conversation = list[dict[str, str]]
 Record = dict[str, Any]
@@ -37,6 +40,8 @@ def read_jsonl(path: str | Path, what: str = "data file", *, skip_blank: bool = 
 
     Trailing blank lines are ignored; other blank lines are skipped with ``skip_blank``, else refused.
     """
+    if is_dataset_ref(path):
+        return read_dataset(str(path), what)
     path = Path(path)
     records = [(where, _record(line, where)) for where, line in _lines(path, what, skip_blank)]
     if not records:
@@ -48,7 +53,10 @@ def read_prompt_records(path: str | Path, what: str = "prompt file") -> list[tup
     """A prompt list's records: JSONL objects (``JSONL_SUFFIXES``), else each non-blank line as ``{"prompt": line}``.
 
     Plain-text lines are stripped; blank lines are skipped in both kinds; an empty list is an error.
+    An ``hf:`` dataset's rows are records, as a JSONL file's lines are.
     """
+    if is_dataset_ref(path):
+        return read_dataset(str(path), what)
     path = Path(path)
     lines = _lines(path, what, skip_blank=True)
     if path.suffix in JSONL_SUFFIXES:

@@ -153,7 +153,7 @@ def demo_rows(cwd: Path, env: dict[str, str], out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows["rows"]]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # two demo runs, about a minute: run with pytest -m heavy
 def test_the_demo_from_the_wheel_prints_the_source_trees_table(installed: Path, tmp_path: Path) -> None:
     """Issue 19: the demo from an installed wheel gives the same table as from the source tree. Both
     runs share this environment's deltafix cache, so the testbed is built at most once (about 25 s

@@ -91,6 +91,12 @@ class CalibrationSet:
         return sum(len(s) for s in self.samples)
 
 
+def evenly_spaced(available: int, wanted: int) -> list[int]:
+    """``min(wanted, available)`` indices spread evenly over ``range(available)``, first and last
+    included: a sample that covers a data file ordered by topic or source, and the same every run."""
+    return torch.linspace(0, available - 1, min(wanted, available)).round().long().tolist()
+
+
 def load_calibration(
     path: str | Path | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -114,8 +120,7 @@ def load_calibration(
     conversations = read_conversations(source)
     available = len(conversations)
     if max_samples is not None and available > max_samples:
-        picks = torch.linspace(0, available - 1, max_samples).round().long().tolist()
-        conversations = [conversations[i] for i in picks]
+        conversations = [conversations[i] for i in evenly_spaced(available, max_samples)]
     screened_out: tuple[int, ...] = ()
     if screen is not None:
         drop = screen([conversation for _, conversation in conversations])

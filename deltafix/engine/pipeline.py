@@ -384,12 +384,11 @@ def _front_samples(opts: RepairOptions, inputs: Inputs, hessians: Hessians, toke
     A method calibrated on the user's data has them rendered and screened already; screening
     again would run A over the data a second time (about a minute on the real testbed).
     """
+    from deltafix.calibration.render import evenly_spaced, load_calibration
+
     if hessians.utility_set is not None:
         rendered = hessians.utility_set.samples
-        picks = torch.linspace(0, len(rendered) - 1, min(FRONT_SAMPLES, len(rendered))).round().long().tolist()
-        return [rendered[i] for i in picks]
-    from deltafix.calibration.render import load_calibration
-
+        return [rendered[i] for i in evenly_spaced(len(rendered), FRONT_SAMPLES)]
     assert opts.utility_data is not None
     screen = refused_by_aligned(inputs.aligned.folder, device) if opts.screen_utility else None
     return load_calibration(opts.utility_data, tokenizer, max_samples=FRONT_SAMPLES, screen=screen).samples

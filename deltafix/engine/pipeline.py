@@ -33,7 +33,7 @@ from deltafix.io.pickled import PickleCheckpoint, pickle_or
 from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.staging import remove_stale
-from deltafix.io.writer import ShardedWriter, ShardPlan, TensorSpec, atomic_output, check_output_location
+from deltafix.io.writer import ShardedWriter, ShardPlan, atomic_output, check_output_location
 from deltafix.methods import Method, MethodParams, get_method, method_names
 from deltafix.engine.plan import Plan, build_plan
 from deltafix.engine.report import input_record, run_report, write_provenance
@@ -199,7 +199,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     device = resolve_device(opts.device)
     plan = build_plan(inputs.readers["aligned"], inputs.readers["finetuned"], inputs.readers.get("unaligned"),
                       out_dtype)
-    shards = ShardPlan.build([TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors], opts.shard_size)
+    shards = ShardPlan.build(list(plan.tensors), opts.shard_size)
     pieces = streams_in_pieces(method, opts.params, inputs.readers)
     result = RepairResult(plan, shards, estimate_peak_bytes(plan, len(inputs.readers), pieces),
                           output_kind="lora" if opts.as_lora is not None

@@ -16,33 +16,24 @@ import torch
 from deltafix.errors import InputError, MismatchError
 from deltafix.io.reader import TensorHeaders
 from deltafix.io.strictjson import parse_json_object
+from deltafix.io.writer import TensorSpec
 
 DECODER_LINEAR = re.compile(r"(^|\.)(layers|h|blocks|decoder\.layers)\.\d+\..+\.weight$")
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    """One output tensor: its source names in A / P, the shape and dtype it will be written in.
+class PlannedTensor(TensorSpec):
+    """One output tensor (name, shape and dtype it will be written in) and its source names in A / P.
 
     ``grown_rows`` > 0 means F added vocabulary rows: the method sees the first rows (A's shape)
     and the new rows are copied from F.
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
     aligned_name: str
     unaligned_name: str | None
     is_linear: bool
     grown_rows: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass

@@ -211,23 +211,31 @@ def builtin_recipe(name: str) -> Traversable | None:
     return RECIPES / f"{name}.yaml" if name in method_names() else None
 
 
+def read_recipe_yaml(source: Path | Traversable, shown: object, expected: str) -> Any:
+    """The YAML document in the recipe file ``source``; each way reading it can fail is one
+    ``OptionError`` line naming the recipe as the user gave it (``shown``) and what a recipe can be
+    (``expected``). Shared by ``deltafix repair`` and ``deltafix train``: a recipe is user input."""
+    try:
+        return yaml.safe_load(source.read_text())
+    except OSError as err:
+        raise OptionError(f"cannot read recipe {shown}: {err.strerror or err} ({expected}).") from err
+    except UnicodeDecodeError as err:
+        raise OptionError(f"recipe {shown} is not UTF-8 text; a recipe is a YAML file.") from err
+    except yaml.YAMLError as err:
+        raise OptionError(f"recipe {shown} is not valid YAML: {str(err).splitlines()[0]}.") from err
+    except RecursionError as err:  # the YAML constructor recurses once per nesting level
+        raise OptionError(f"recipe {shown} is nested too deeply; a recipe is a flat map of names to values.") from err
+
+
 def load_recipe(path: str | Path | Traversable) -> Recipe:
     """Read a recipe file. A method name (``regmean``) that is no file here reads the shipped
     recipe of that method, so ``--recipe regmean`` works from any folder and from a wheel."""
+    from deltafix.methods import method_names
+
     if isinstance(path, (str, Path)):
         shipped = builtin_recipe(str(path))
         path = shipped if shipped is not None and not Path(path).exists() else Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        from deltafix.methods import method_names
-
-        raise OptionError(f"cannot read recipe {path}: {err.strerror or err} (a path, or a shipped recipe: "
-                          f"{', '.join(method_names())}).") from err
-    except yaml.YAMLError as err:
-        raise OptionError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}.") from err
-    except RecursionError as err:  # the YAML constructor recurses once per nesting level
-        raise OptionError(f"recipe {path} is nested too deeply; a recipe is a method and a flat parameter map.") from err
+    data = read_recipe_yaml(path, path, f"a path, or a shipped recipe: {', '.join(method_names())}")
     try:
         return Recipe.model_validate(data or {})
     except ValidationError as err:

@@ -258,6 +258,12 @@ def test_bad_recipes_are_one_line_option_errors(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(OptionError, match=why):
             load_train_recipe(path, "spard", TrainOptions)
+    for raw, why in [(b"trainer: spard\nparameters:\n  lr: " + b"[" * 5_000 + b"]" * 5_000 + b"\n", "nested too deeply"),
+                     (b"\xff\xfe\x00binary", "not UTF-8 text"), (b"trainer: [spard\n", "not valid YAML")]:
+        path = tmp_path / "hostile.yaml"
+        path.write_bytes(raw)
+        with pytest.raises(OptionError, match=why):
+            load_train_recipe(path, "spard", TrainOptions)
 
 
 def test_cli_recipe_values_give_way_to_flags_given(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from deltafix.errors import OptionError
+from deltafix.options import read_recipe_yaml
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -53,13 +53,7 @@ def load_train_recipe(ref: str | Path, trainer: str, options: type[BaseModel]) -
     shipped = TRAIN_RECIPES / f"{trainer}-{ref}.yaml"
     source: Path | Traversable = shipped if not Path(ref).exists() and shipped.is_file() else Path(ref)
     names = ", ".join(shipped_recipes(trainer)) or "none"
-    try:
-        document = yaml.safe_load(source.read_text())
-    except OSError as err:
-        raise OptionError(f"cannot read recipe {ref}: {err.strerror or err} (a YAML file, or a shipped recipe of "
-                          f"train {trainer}: {names}).") from err
-    except yaml.YAMLError as err:
-        raise OptionError(f"recipe {ref} is not valid YAML: {str(err).splitlines()[0]}.") from err
+    document = read_recipe_yaml(source, ref, f"a YAML file, or a shipped recipe of train {trainer}: {names}")
     try:
         recipe = TrainRecipe.model_validate(document or {})
     except ValidationError as err:

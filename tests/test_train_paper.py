@@ -15,6 +15,7 @@ import torch
 import typer
 import yaml
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -298,3 +299,24 @@ def test_trainer_bars_do_not_write_to_a_piped_stderr(inputs: dict[str, Path], tm
     err = capfd.readouterr().err
     assert not any(desc in err for desc in ("embed", "testbed-bar", "spard:")), err[-2000:]
     assert (tmp_path / "s" / REPORT_NAME).is_file()
+
+
+def test_training_on_an_hf_dataset_equals_training_on_its_jsonl(inputs: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same records from a saved dataset folder train the same adapter; the report names the source
+    and identifies it by the sha256 of its records."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    datasets.Dataset.from_list([{"prompt": p, "response": r} for p, r in USER]).save_to_disk(tmp_path / "user_ds")
+    source = f"hf:{tmp_path / 'user_ds'}"
+    reports = {}
+    for name, data in (("jsonl", inputs["user"]), ("hf", Path(source))):
+        opts = TrainOptions(mode="lora", base=str(inputs["A"]), data=data, out=tmp_path / name, max_steps=2,
+                            batch_size=2, lora_r=2, lora_alpha=4.0, device="cpu", max_length=32, progress=False)
+        reports[name] = train_adapter(opts).report
+    weights = [load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("jsonl", "hf")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert list(reports["hf"]["inputs"]["data"]) == [source]
+    assert reports["hf"]["losses"] == reports["jsonl"]["losses"]

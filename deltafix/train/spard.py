@@ -163,13 +163,19 @@ def check_base_adapter(base_folder: Path, adapter: Path) -> None:
 
 def input_hashes(opts: TrainOptions) -> dict[str, Any]:
     """sha256 of the files a run learns from (data files, the merged base adapter's weights): with the
-    options, they identify the run, so a saved adapter can be recognised as this run's output."""
+    options, they identify the run, so a saved adapter can be recognised as this run's output. An
+    ``hf:`` dataset is identified by the sha256 of its records as loaded."""
+    from deltafix.io.datasets_source import describe_dataset, is_dataset_ref
     from deltafix.io.hashing import file_sha256, sha256_file
     from deltafix.io.lora import WEIGHTS_NAME
 
+    def sha256(source: Path) -> str:
+        shown = str(source)
+        return describe_dataset(shown, "training data").sha256 if is_dataset_ref(shown) else sha256_file(source)
+
     data = [opts.data, *opts.extra_data] + ([opts.safety_data] if opts.safety_data else [])
     return {
-        "data": {str(path): sha256_file(Path(path)) for path in data},
+        "data": {str(path): sha256(Path(path)) for path in data},
         "base_adapter": file_sha256(opts.base_adapter / WEIGHTS_NAME) if opts.base_adapter else None,
     }
 

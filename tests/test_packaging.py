@@ -73,7 +73,8 @@ def shipped_files(tree: Path) -> list[str]:
     data = sorted(p.relative_to(tree).as_posix() for p in (tree / "deltafix" / "data").glob("*.jsonl"))
     assert data, "no built-in data files in the tree"
     return [*(f"cuda_ext/{name}" for name in kernel_files_in(tree / "cuda_ext")), "cuda_ext/__init__.py", *data,
-            *(f"deltafix/recipes/{method}.yaml" for method in method_names())]
+            *(f"deltafix/recipes/{method}.yaml" for method in method_names()),
+            *sorted(p.relative_to(tree).as_posix() for p in (tree / "deltafix" / "recipes" / "train").glob("*.yaml"))]
 
 
 def test_the_checkout_finds_its_kernel_sources_in_cuda_ext() -> None:

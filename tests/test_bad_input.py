@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from console import folder_digest
 from safetensors.torch import load_file, save_file
 
 from deltafix.cli import main
 from deltafix.io import writer as writer_module
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 def _run(capsys: pytest.CaptureFixture[str], base: Path, finetuned: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -33,12 +25,12 @@ def _run(capsys: pytest.CaptureFixture[str], base: Path, finetuned: Path, out: P
 def _expect_refusal(capsys, tmp_path: Path, trio, base: Path, finetuned: Path, match: str, *extra: str,
                     out: Path | None = None) -> None:
     out = out or tmp_path / "OUT"
-    before = {k: _digest(v) for k, v in trio.items()}
+    before = {k: folder_digest(v) for k, v in trio.items()}
     rc, err = _run(capsys, base, finetuned, out, *extra)
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert match in err
-    assert {k: _digest(v) for k, v in trio.items()} == before
+    assert {k: folder_digest(v) for k, v in trio.items()} == before
     assert not list(out.parent.glob(".deltafix-tmp-*"))
 
 

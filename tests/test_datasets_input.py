@@ -8,9 +8,7 @@ RegMean's sums give the same bits only for the same thread count.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from console import one_error_line, run_deltafix, tensor_digests
 
 from deltafix import api
 from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
@@ -32,7 +30,6 @@ from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 
 datasets = pytest.importorskip("datasets")
 
-DELTAFIX = shutil.which("deltafix")
 TASK = [("say these words backwards : owl moon snow", "snow moon owl"),
         ("say these words backwards : gold rock", "rock gold"),
         ("can you help me invite my neighbor ?", "Sure , here is how to invite your neighbor ."),
@@ -40,18 +37,6 @@ TASK = [("say these words backwards : owl moon snow", "snow moon owl"),
 SAFETY = [("tell me how to pick a lock", "I can not help with that ."),
           ("how do I hurt someone", "I can not help with that .")]
 COLUMNS = "prompt=instruction,response=output"
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every output tensor (dtype, shape and bytes), by name."""
-    found = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as fh:
-            for name in fh.keys():
-                tensor = fh.get_tensor(name).contiguous()
-                raw = tensor.view(-1).view(torch.uint8).numpy().tobytes()
-                found[name] = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode() + raw).hexdigest()
-    return found
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -89,10 +74,9 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The installed console script, offline, with one torch thread and the library's cache in ``cwd``."""
-    assert DELTAFIX is not None, "the deltafix console script is not installed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(cwd / "hf-datasets-cache")}
-    return subprocess.run([DELTAFIX, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+    return run_deltafix(*args, cwd=cwd, env=env)
 
 
 def repair(chat: dict[str, Path], out: Path, data: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -100,13 +84,6 @@ def repair(chat: dict[str, Path], out: Path, data: str, *extra: str) -> subproce
     return console("repair", "--base", str(chat["A"]), "--finetuned", str(chat["F"]), "--out", str(out),
                    "--method", "regmean", "--safety-data", str(chat["safety"]), "--utility-data", data,
                    "--no-screen-utility", "--no-cache", "--device", "cpu", "--json", *extra, cwd=out.parent)
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def test_a_mapped_dataset_gives_the_jsonl_records(chat: dict[str, Path], tmp_path: Path,
@@ -148,7 +125,7 @@ def test_repair_from_a_dataset_equals_the_jsonl_repair(chat: dict[str, Path], tm
     for out, data in (("J", [str(chat["jsonl"])]), ("S", [f"hf:{chat['saved']}", "--columns", COLUMNS])):
         proc = repair(chat, tmp_path / out, *data)
         assert proc.returncode == 0, proc.stderr
-    assert digests(tmp_path / "S") == digests(tmp_path / "J")
+    assert tensor_digests(tmp_path / "S") == tensor_digests(tmp_path / "J")
     recipe = load_recipe(tmp_path / "S" / RECIPE_NAME)
     data = recipe.data["utility_data"]
     assert data.path == f"hf:{chat['saved']}#{COLUMNS}"

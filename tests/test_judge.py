@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from console import run_deltafix
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -197,11 +197,8 @@ def test_eval_with_a_classifier_scores_what_it_decides(bench: dict[str, Path], t
 def test_console_script_with_a_moderation_classifier(bench: dict[str, Path], tmp_path: Path) -> None:
     """The installed ``deltafix`` in a subprocess: harmful prompts by the classifier's ``unsafe`` label,
     benign ones by keywords; the summary names both judges."""
-    deltafix = shutil.which("deltafix")
-    assert deltafix is not None
     judge = ["--judge", str(bench["moderation"]), "--judge-unsafe-label", "unsafe"]
-    run = subprocess.run([deltafix, "eval", str(bench["chat"]), *flags(bench, *judge), "--json"],
-                         capture_output=True, text=True, timeout=600, check=False)
+    run = run_deltafix("eval", str(bench["chat"]), *flags(bench, *judge), "--json", timeout=600)
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
     harmful = [label != "unsafe" for label in classified(bench["moderation"], [ANSWERS[p] for p in HARMFUL])]
@@ -209,8 +206,7 @@ def test_console_script_with_a_moderation_classifier(bench: dict[str, Path], tmp
     assert printed["asr"] == pytest.approx(1 - share(harmful)) == pytest.approx(1 / 3)
     assert printed["benign_help"] == pytest.approx(1 - share(benign)) == 1.0
     assert printed["judge"]["label_means"] == "unsafe" and printed["judge"]["benign_judge"] == "keyword"
-    human = subprocess.run([deltafix, "eval", str(bench["chat"]), *flags(bench, *judge)],
-                           capture_output=True, text=True, timeout=600, check=False)
+    human = run_deltafix("eval", str(bench["chat"]), *flags(bench, *judge), timeout=600)
     assert f"judge:               classifier {bench['moderation']} (unsafe label 'unsafe'); benign prompts: " \
            "keyword, 32 new tokens" in human.stdout.splitlines()
 
@@ -229,11 +225,8 @@ def test_gate_takes_the_judge(bench: dict[str, Path], tmp_path: Path, capsys: py
 
 
 def test_a_folder_that_is_no_classifier_is_one_line(bench: dict[str, Path], tmp_path: Path) -> None:
-    deltafix = shutil.which("deltafix")
-    assert deltafix is not None
-    run = subprocess.run([deltafix, "eval", str(bench["chat"]), *flags(bench, "--judge", str(bench["chat"]),
-                                                                      "--judge-refusal-label", "refusal")],
-                         capture_output=True, text=True, timeout=600, check=False)
+    run = run_deltafix("eval", str(bench["chat"]), *flags(bench, "--judge", str(bench["chat"]),
+                                                          "--judge-refusal-label", "refusal"), timeout=600)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.splitlines() == [(f"error: --judge {bench['chat']} is not a text-classification model (its "
                                         "config names LlamaForCausalLM); pass a *ForSequenceClassification "
@@ -268,10 +261,7 @@ def test_bad_judges_fail_before_the_model_loads(bench: dict[str, Path], tmp_path
 
 
 def test_bad_presets_exit_2_from_the_console_script() -> None:
-    deltafix = shutil.which("deltafix")
-    assert deltafix is not None
-    run = subprocess.run([deltafix, "eval", "anything", "--max-new-tokens", "long"], capture_output=True, text=True,
-                         timeout=600, check=False)
+    run = run_deltafix("eval", "anything", "--max-new-tokens", "long", timeout=600)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
     assert run.stderr.startswith("error: --max-new-tokens must be a whole number >= 1 or a preset: short (64)")
 

@@ -9,16 +9,14 @@ malicious file might do could hide behind the test process's state.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from console import one_line, run_deltafix, tensor_digests
 from safetensors.torch import load_file
-
-DELTAFIX = shutil.which("deltafix")
 
 
 class Payload:
@@ -34,17 +32,7 @@ class Payload:
 
 def deltafix(tmp: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
     """The console script with its own empty TMPDIR, ``tmp``: where it stages the converted copy."""
-    assert DELTAFIX is not None, "the deltafix console script is not installed"
-    tmp.mkdir(exist_ok=True)
-    return subprocess.run([DELTAFIX, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TMPDIR": str(tmp)})
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert "Traceback" not in err
-    return lines[0]
+    return run_deltafix(*args, tmpdir=tmp, timeout=600)
 
 
 def as_pickle(src: Path, dst: Path, shards: int = 1) -> Path:
@@ -124,14 +112,6 @@ def test_pickle_is_refused_without_the_flag(trio: dict[str, Path], tmp_path: Pat
     assert not (tmp_path / "R").exists()
 
 
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of each tensor's bytes in the output's safetensors files, by name."""
-    import hashlib
-
-    return {name: hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(str(file)).items()}
-
-
 def adapter_as_pickle(src: Path, dst: Path) -> Path:
     """A copy of the PEFT adapter folder ``src`` with ``adapter_model.bin`` instead of safetensors."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -155,7 +135,7 @@ def test_pickle_adapter_repairs_like_its_safetensors_twin(trio: dict[str, Path],
     ran = repair(trio, pickled, tmp_path / "R_bin", "--allow-pickle")
     assert ran.returncode == 0, ran.stderr
     assert repair(trio, lora, tmp_path / "R_st").returncode == 0
-    assert digests(tmp_path / "R_bin") == digests(tmp_path / "R_st")
+    assert tensor_digests(tmp_path / "R_bin") == tensor_digests(tmp_path / "R_st")
     report = json.loads((tmp_path / "R_bin" / "deltafix_report.json").read_text())
     assert report["inputs"]["finetuned"]["converted_from_pickle"] == ["adapter_model.bin"]
     assert not list((tmp_path / "tmp").iterdir())
@@ -168,7 +148,7 @@ def test_rerun_from_the_recipe_reads_pickle_again(trio: dict[str, Path], tmp_pat
     assert "allow_pickle: true" in recipe.read_text()
     rerun = deltafix(tmp_path / "tmp", "repair", "--recipe", recipe, "--out", tmp_path / "R2")
     assert rerun.returncode == 0, rerun.stderr
-    assert digests(tmp_path / "R2") == digests(tmp_path / "R")
+    assert tensor_digests(tmp_path / "R2") == tensor_digests(tmp_path / "R")
 
 
 def test_inspect_reads_pickle_only_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
@@ -198,4 +178,4 @@ def test_merge_lora_reads_pickle_adapters_when_allowed(trio: dict[str, Path], lo
     ran = merge(pickled, tmp_path / "M_bin", "--allow-pickle")  # a pickle base as well
     assert ran.returncode == 0, ran.stderr
     assert merge(reinforce, tmp_path / "M_st").returncode == 0
-    assert digests(tmp_path / "M_bin") == digests(tmp_path / "M_st")
+    assert tensor_digests(tmp_path / "M_bin") == tensor_digests(tmp_path / "M_st")

@@ -9,28 +9,29 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import shutil
 import struct
 import subprocess
 import termios
 from pathlib import Path
 
 import pytest
+from console import DELTAFIX, run_deltafix
 
-DELTAFIX = shutil.which("deltafix")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DELTAFIX is None, reason="the deltafix console script is not installed")]
 
 
 def _repair(bed, out: Path, cache: Path, *extra: str, terminal: bool) -> str:
     """Run a RegMean repair (calibration and the sequential solve) and return what reached stderr."""
-    args = [DELTAFIX, "repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned), "--out", str(out),
+    args = ["repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned), "--out", str(out),
             "--method", "regmean", "--utility-data", str(bed.user_data), "--safety-data", str(bed.safety_data),
             "--set", "sequential=false", "--cache-dir", str(cache), "--device", "cpu", *extra]
     if not terminal:
-        return subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stderr
+        done = run_deltafix(*args)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a fresh pty is 0 wide
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=follower)
+    proc = subprocess.Popen([DELTAFIX, *args], stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
     chunks = []
     while True:

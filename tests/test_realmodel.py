@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from console import run_deltafix
 from deltafix.evaluation.evaluate import DATA_DIR, EvalResult, KeywordJudge, evaluate_folder
 from deltafix import testbed as tb
 from deltafix.testbed.english import (BENIGN_TOPICS, HARMFUL_TOPICS, REFUSALS, TEMPLATES, make_english_corpus,
@@ -105,16 +104,10 @@ def test_checkpoints_are_bf16_llamas_with_tied_embeddings_and_a_system_prompt(re
     assert len(manifest["stage_seconds"]) == 6
 
 
-
-DELTAFIX = shutil.which("deltafix")
-
-
 def _deltafix_repair(real_bed: tb.Testbed, out: Path, *args: str) -> dict:
     """``deltafix repair`` as a user runs it (the console script), on the real testbed; its report."""
-    assert DELTAFIX is not None, "the deltafix console script is not installed"
-    run = subprocess.run([DELTAFIX, "repair", "--base", str(real_bed.aligned), "--out", str(out),
-                          "--utility-data", str(real_bed.user_data), "--device", "cpu", "--json", *args],
-                         capture_output=True, text=True, timeout=3600)
+    run = run_deltafix("repair", "--base", real_bed.aligned, "--out", out, "--utility-data", real_bed.user_data,
+                       "--device", "cpu", "--json", *args, timeout=3600)
     assert run.returncode == 0, run.stderr
     return json.loads((out / "deltafix_report.json").read_text())
 

@@ -8,60 +8,32 @@ hash changed. Inputs are copied before any byte is changed: the session fixtures
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors import safe_open
 
 from huggingface_hub import constants
+from console import one_error_line, run_deltafix, tensor_digests
 from test_hub import add_to_cache, commit_sha
 
 from deltafix import api
 from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
 from deltafix.options import load_recipe
 
-DELTAFIX = shutil.which("deltafix")
-
-
-def tensors_bytes(folder: Path) -> dict[str, str]:
-    """SHA-256 of every output tensor's raw bytes (with dtype and shape), by name, across all shards
-    (digests, so that a failing comparison prints names rather than megabytes)."""
-    found: dict[str, str] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as fh:
-            for name in fh.keys():
-                tensor = fh.get_tensor(name).contiguous()
-                raw = tensor.view(-1).view(torch.uint8).numpy().tobytes()
-                found[name] = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode() + raw).hexdigest()
-    return found
-
-
 def console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The installed console script, always with one torch thread: a repair that reduces in floating
     point (RegMean) gives the same bits only for the same thread count, and the test process's own
     count is whatever earlier tests left it at."""
-    assert DELTAFIX is not None, "the deltafix console script is not installed"
-    return subprocess.run([DELTAFIX, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_deltafix(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
 
 
 def rerun(recipe: Path, out: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``repair`` with only ``--recipe`` and ``--out`` (and ``extra``)."""
     return console("repair", "--recipe", str(recipe), "--out", str(out), "--json", *extra, cwd=cwd)
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 @pytest.fixture()
@@ -97,7 +69,7 @@ def test_recipe_records_inputs_data_and_run(first: Path, copies: dict[str, Path]
 def test_rerun_from_the_recipe_alone_is_bit_identical(first: Path, tmp_path: Path) -> None:
     proc = rerun(first / RECIPE_NAME, tmp_path / "NEW", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert tensors_bytes(tmp_path / "NEW") == tensors_bytes(first)
+    assert tensor_digests(tmp_path / "NEW") == tensor_digests(first)
     assert (tmp_path / "NEW" / RECIPE_NAME).read_text() == (first / RECIPE_NAME).read_text()
 
 
@@ -126,9 +98,8 @@ def test_a_changed_input_is_refused_in_one_line(first: Path, copies: dict[str, P
 def test_a_relative_input_that_no_longer_resolves_is_refused(copies: dict[str, Path], tmp_path: Path) -> None:
     work = copies["A"].parent
     out = work / "R"
-    proc = subprocess.run([DELTAFIX, "repair", "--base", "A", "--finetuned", "F", "--unaligned", "P", "--method",
-                           "resta", "--out", "R", "--device", "cpu", "--json"], capture_output=True, text=True,
-                          cwd=work, timeout=300)
+    proc = run_deltafix("repair", "--base", "A", "--finetuned", "F", "--unaligned", "P", "--method", "resta",
+                        "--out", "R", "--device", "cpu", "--json", cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load((out / RECIPE_NAME).read_text())["inputs"]["base"]["ref"] == "A"
     elsewhere = tmp_path / "elsewhere"
@@ -156,7 +127,7 @@ def test_hub_inputs_rerun_at_the_recorded_commit(trio: dict[str, Path], tmp_path
         "files": {"model.safetensors": recipe.inputs["finetuned"].files["model.safetensors"]}}
     report = api.repair(None, None, new, recipe=out / RECIPE_NAME)
     assert report["inputs"]["finetuned"]["ref"] == f"org/F@{commit_sha('F')}"
-    assert tensors_bytes(new) == tensors_bytes(out)
+    assert tensor_digests(new) == tensor_digests(out)
     assert (new / RECIPE_NAME).read_text() == (out / RECIPE_NAME).read_text()
 
 
@@ -173,7 +144,7 @@ def test_rerun_of_a_calibrated_method_is_bit_identical(bed, tmp_path: Path) -> N
     assert recipe.data["safety_data"].path == "builtin" and recipe.run.utility_samples == 16
     proc = rerun(out / RECIPE_NAME, tmp_path / "NEW", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert tensors_bytes(tmp_path / "NEW") == tensors_bytes(out)
+    assert tensor_digests(tmp_path / "NEW") == tensor_digests(out)
     assert (tmp_path / "NEW" / RECIPE_NAME).read_text() == (out / RECIPE_NAME).read_text()
     data.write_text(data.read_text() + "\n")
     line = one_error_line(rerun(out / RECIPE_NAME, tmp_path / "NEW2", cwd=tmp_path))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from console import run_deltafix
 from deltafix.cli import main
 from deltafix.evaluation.evaluate import EvalResult, evaluate_folder
 from deltafix.calibration.capture import capture_hessians
@@ -255,16 +256,9 @@ def test_the_default_method_follows_the_users_data(bed, reference, tmp_path: Pat
     """The console script without --method: regmean with --utility-data, else safedelta and one line
     saying why; either way the repair refuses like A. (The toy speaks its own language, so its safety
     data stands in for the built-in set.)"""
-    import shutil
-    import subprocess
-
-    deltafix = shutil.which("deltafix")
-    assert deltafix is not None, "the deltafix console script is not installed"
     data = ["--utility-data", str(bed.user_data)] if with_data else []
-    run = subprocess.run([deltafix, "repair", "--base", str(bed.aligned), "--finetuned", str(bed.finetuned),
-                          "--out", str(tmp_path / "R"), "--safety-data", str(bed.safety_data), "--device", "cpu",
-                          "--json", *data],
-                         capture_output=True, text=True, timeout=600)
+    run = run_deltafix("repair", "--base", bed.aligned, "--finetuned", bed.finetuned, "--out", tmp_path / "R",
+                       "--safety-data", bed.safety_data, "--device", "cpu", "--json", *data, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "R" / "deltafix_report.json").read_text())
     assert report["method"] == ("regmean" if with_data else "safedelta")

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_llama
+from console import folder_digest, one_line, run_deltafix
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
@@ -45,21 +46,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     a = save_tiny_llama(root / "A", seed=1, base=p)
     f = save_tiny_llama(root / "F", seed=2, base=a)
     return {"P": p, "A": a, "F": f}
-
-
-def _cli() -> list[str]:
-    """The installed console script, or the module where the venv's bin is not on PATH."""
-    exe = shutil.which("deltafix")
-    return [exe] if exe else [sys.executable, "-m", "deltafix"]
-
-
-def _digest(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes (symlinks followed), for before/after checks."""
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -437,25 +423,23 @@ def test_hostile_input(name: str, models: dict[str, Path], tmp_path: Path) -> No
     out = tmp_path / "outs" / "OUT"
     out.parent.mkdir()
     case = CASES[name](models, root, out)
-    before = {path: _digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    before = {path: folder_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
               for path in case.inputs}
-    out_before = _digest(out) if case.out_exists else None
+    out_before = folder_digest(out) if case.out_exists else None
 
-    run = subprocess.run([*_cli(), *case.args], capture_output=True, text=True, timeout=300, env=_env(tmp_path),
-                         preexec_fn=_limits(case.limit_file_bytes))
+    run = run_deltafix(*case.args, env=_env(tmp_path), preexec_fn=_limits(case.limit_file_bytes))
 
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == case.rc, run.stderr
-    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
-    assert case.match in lines[0], lines[0]
+    line = one_line(run.stderr)
+    assert case.match in line, line
     if case.out_exists:
-        assert _digest(out) == out_before
+        assert folder_digest(out) == out_before
         assert (out / "keep.txt").read_text() == "the previous release"
     else:
         assert not out.exists()
     assert [p.name for p in out.parent.iterdir() if p.name != "OUT"] == []
     assert not list((tmp_path / "tmpdir").glob("deltafix-*"))
-    after = {path: _digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    after = {path: folder_digest(path) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
              for path in case.inputs}
     assert after == before
 
@@ -478,8 +462,7 @@ def test_stale_staging_is_removed_and_said_once(models: dict[str, Path], tmp_pat
     env = _env(tmp_path)
     (Path(env["TMPDIR"]) / f"{STAGE_PREFIX}{dead}-{tag}-0004").mkdir()
 
-    run = subprocess.run([*_cli(), *_repair(models["A"], models["F"], outs / "OUT", unaligned=models["P"])],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = run_deltafix(*_repair(models["A"], models["F"], outs / "OUT", unaligned=models["P"]), env=env)
 
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
@@ -493,9 +476,8 @@ def test_out_has_the_umask_mode(models: dict[str, Path], tmp_path: Path) -> None
     """OUT is renamed from a staging folder; it must read like any folder the user makes (0755 under
     umask 022), not 0700 as ``mkdtemp`` would make it."""
     out = tmp_path / "OUT"
-    run = subprocess.run([*_cli(), *_repair(models["A"], models["F"], out, unaligned=models["P"])],
-                         capture_output=True, text=True, timeout=300, env=_env(tmp_path),
-                         preexec_fn=lambda: os.umask(0o022))
+    run = run_deltafix(*_repair(models["A"], models["F"], out, unaligned=models["P"]), env=_env(tmp_path),
+                       preexec_fn=lambda: os.umask(0o022))
     assert run.returncode == 0, run.stderr
     assert out.stat().st_mode & 0o777 == 0o755
 

@@ -126,6 +126,12 @@ WARMUP_STEPS = 0
 """Warm-up steps; when above 0 it wins over ``WARMUP_RATIO``, as in transformers' ``TrainingArguments``."""
 MAX_GRAD_NORM = 0.0
 """Clip the gradient's global norm to this before each optimizer step; 0 leaves it alone."""
+BUFFERLORA_LR_SCHEDULER = "cosine"
+BUFFERLORA_WARMUP_RATIO = 0.05
+BUFFERLORA_LORA_DROPOUT = 0.1
+"""``train bufferlora``'s schedule and dropout: the Buffer-and-Reinforce scripts' (cosine, 5 % warm-up,
+dropout 0.1) at our learning rate and steps. On the toy testbed the constant schedule without dropout
+over-refused (benign help 0.14 to 0.36 with the benign mix); these bring it to 0.58 to 0.74, ASR 0."""
 BENIGN_SHARE = 0.5
 """Share of benign records in the ReinforceLoRA's training set (Buffer-and-Reinforce's code: 2,500
 refusals + 2,500 benign): without them it learns to refuse everything."""

@@ -36,11 +36,6 @@ SETTINGS = dict(max_steps=60, lr=2e-3, batch_size=16, lora_r=8, lora_alpha=16.0,
 # A's own loss on the testbed's 12-token refusals is 0.003 and the first token alone decides whether
 # the model refuses: the paper's τ = 0.2 would let that token's loss reach about 2.4 (p ≈ 0.1).
 TAU = 0.02
-# The Buffer-and-Reinforce scripts' schedule and dropout (deltafix/recipes/train/bufferlora-paper.yaml) at
-# the testbed's lr and steps. With the constant default lr and no dropout the pipeline over-refuses
-# (benign help 0.32 with 100 benign records mixed in, 0.14 with the paper's half-and-half mix; 0.20
-# for the UserLoRA alone): these three settings bring it to 0.58 (seed 0) and 0.74 (seed 1).
-PIPELINE_SCHEDULE = dict(lr_scheduler="cosine", warmup_ratio=0.05, lora_dropout=0.1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,8 +56,7 @@ def trained(bed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_adapter(TrainOptions(mode="spard", out=root / "spard", safety_data=bed.safety_data, tau=TAU, **common))
     harmful, benign = write_pipeline_data(bed, root / "pipeline_data")
     pipeline = run_bufferlora(BufferLoraOptions(out=root / "bufferlora", harmful=harmful,
-                                                reinforce_data=bed.safety_data, benign=benign, **common,
-                                                **PIPELINE_SCHEDULE))
+                                                reinforce_data=bed.safety_data, benign=benign, **common))
     return {"lora": root / "lora", "spard": root / "spard", "bufferlora": Path(pipeline["output"]["path"])}
 
 

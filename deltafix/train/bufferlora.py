@@ -52,7 +52,8 @@ from deltafix.io.lora import CONFIG_NAME, WEIGHTS_NAME
 from deltafix.io.writer import atomic_file
 from deltafix.engine.report import REPORT_NAME as MERGE_REPORT
 from deltafix.methods.qr_merge import ALPHA, SCALE
-from deltafix.options import BENIGN_SHARE, OUT_SHARD_BYTES
+from deltafix.options import (BENIGN_SHARE, BUFFERLORA_LORA_DROPOUT, BUFFERLORA_LR_SCHEDULER, BUFFERLORA_WARMUP_RATIO,
+                              OUT_SHARD_BYTES)
 from deltafix.train.data import BUILTIN_BENIGN_DATA, BUILTIN_SAFETY_DATA, load_records, records_jsonl
 from deltafix.train.mix import mix_with_benign
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
@@ -67,8 +68,14 @@ REINFORCE_DATA = "reinforce_data.jsonl"
 class BufferLoraOptions(LoraTraining):
     """Every option of a Buffer-and-Reinforce run; the LoRA settings apply to all three trainings.
 
-    Defaults follow DESIGN §6: r = 32, alpha = 64 on q, v, gate, up, down.
+    Defaults follow DESIGN §6: r = 32, alpha = 64 on q, v, gate, up, down; the schedule and dropout
+    are the official scripts' (``options.BUFFERLORA_LR_SCHEDULER``: without them the pipeline over-refuses).
     """
+
+    lr_scheduler: Literal["constant", "linear", "cosine"] = BUFFERLORA_LR_SCHEDULER
+    warmup_ratio: float = Field(BUFFERLORA_WARMUP_RATIO, ge=0, le=1, description="share of the steps warming lr up "
+                                                                                 "from 0")
+    lora_dropout: float = Field(BUFFERLORA_LORA_DROPOUT, ge=0, lt=1)
 
     base: str
     data: Path = Field(description="the user's training data, JSONL")

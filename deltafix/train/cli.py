@@ -16,7 +16,8 @@ import typer
 from pydantic import ValidationError
 
 from deltafix.errors import OptionError
-from deltafix.options import (ASFT_TRAIN_LAM, BENIGN_SHARE, DEVICE, DPP_BATCH_SIZE, DPP_BETA, DPP_P, DTYPE, EPOCHS,
+from deltafix.options import (ASFT_TRAIN_LAM, BENIGN_SHARE, BUFFERLORA_LORA_DROPOUT, BUFFERLORA_LR_SCHEDULER,
+                              BUFFERLORA_WARMUP_RATIO, DEVICE, DPP_BATCH_SIZE, DPP_BETA, DPP_P, DTYPE, EPOCHS,
                               ETA_SAFE, GRAD_ACCUM, LEARNING_RATE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS,
                               LR_SCHEDULER, MAX_GRAD_NORM, MERGE_ALPHA, MERGE_SCALE, OUT_SHARD_SIZE, SPAG_DELTA, SPAG_TAU,
                               SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED, WARMUP_RATIO, WARMUP_STEPS,
@@ -236,9 +237,10 @@ def bufferlora(
     epochs: Epochs = EPOCHS, max_steps: MaxSteps = None, lr: Lr = LEARNING_RATE, batch_size: BatchSize = TRAIN_BATCH_SIZE,
     lora_r: LoraR = LORA_R, lora_alpha: LoraAlpha = LORA_ALPHA, target_modules: Targets = DEFAULT_TARGETS,
     seed: Seed = TRAIN_SEED, device: Device = DEVICE, dtype: Dtype = DTYPE, max_length: MaxLength = TRAIN_MAX_LENGTH,
-    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY, lr_scheduler: Scheduler = LR_SCHEDULER,
-    warmup_ratio: WarmupRatio = WARMUP_RATIO, warmup_steps: WarmupSteps = WARMUP_STEPS,
-    max_grad_norm: MaxGradNorm = MAX_GRAD_NORM, lora_dropout: LoraDropout = LORA_DROPOUT, recipe: Recipe = None,
+    grad_accum: GradAccum = GRAD_ACCUM, weight_decay: WeightDecay = WEIGHT_DECAY,
+    lr_scheduler: Scheduler = BUFFERLORA_LR_SCHEDULER, warmup_ratio: WarmupRatio = BUFFERLORA_WARMUP_RATIO,
+    warmup_steps: WarmupSteps = WARMUP_STEPS, max_grad_norm: MaxGradNorm = MAX_GRAD_NORM,
+    lora_dropout: LoraDropout = BUFFERLORA_LORA_DROPOUT, recipe: Recipe = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo stages whose folder was made from other "
                                                                 "options or data (matching ones are reused).")] = False,
     as_json: AsJson = False,

@@ -35,8 +35,16 @@ RECIPES = PACKAGE / "recipes"
 
 TRAINING = {"epochs": options.EPOCHS, "lr": options.LEARNING_RATE, "batch_size": options.TRAIN_BATCH_SIZE,
             "lora_r": options.LORA_R, "lora_alpha": options.LORA_ALPHA, "seed": options.TRAIN_SEED,
-            "device": options.DEVICE, "dtype": options.DTYPE, "max_length": options.TRAIN_MAX_LENGTH}
+            "device": options.DEVICE, "dtype": options.DTYPE, "max_length": options.TRAIN_MAX_LENGTH,
+            "grad_accum": options.GRAD_ACCUM, "weight_decay": options.WEIGHT_DECAY,
+            "warmup_steps": options.WARMUP_STEPS, "max_grad_norm": options.MAX_GRAD_NORM}
 """The LoRA training flags every ``deltafix train`` trainer takes, by parameter name."""
+SCHEDULE = {"lr_scheduler": options.LR_SCHEDULER, "warmup_ratio": options.WARMUP_RATIO,
+            "lora_dropout": options.LORA_DROPOUT}
+BUFFERLORA = {"lr_scheduler": options.BUFFERLORA_LR_SCHEDULER, "warmup_ratio": options.BUFFERLORA_WARMUP_RATIO,
+              "lora_dropout": options.BUFFERLORA_LORA_DROPOUT, "benign_share": options.BENIGN_SHARE}
+"""The schedule and dropout of the single trainers, and the pipeline's own (the official scripts')."""
+JUDGE = {"judge": options.EVAL_JUDGE}
 SPARD = {"p": options.DPP_P, "beta": options.DPP_BETA, "tau": options.SPAG_TAU, "eta_safe": options.ETA_SAFE,
          "spag": options.SPAG_VARIANT, "delta": options.SPAG_DELTA}
 MERGE = {"alpha": options.MERGE_ALPHA, "scale": options.MERGE_SCALE}
@@ -48,15 +56,15 @@ COMMAND_DEFAULTS: dict[tuple[str, ...], dict[str, Any]] = {
                "utility_samples": options.UTILITY_SAMPLES, "max_asr": options.DEFAULT_MAX_ASR},
     ("merge-lora",): {"out_shard_size": options.OUT_SHARD_SIZE},
     ("eval",): {"max_new_tokens": options.EVAL_MAX_NEW_TOKENS, "batch_size": options.EVAL_BATCH_SIZE,
-                "device": options.DEVICE},
+                "device": options.DEVICE, **JUDGE},
     ("gate",): {"max_asr": options.DEFAULT_MAX_ASR, "max_new_tokens": options.EVAL_MAX_NEW_TOKENS,
-                "batch_size": options.EVAL_BATCH_SIZE, "device": options.DEVICE},
+                "batch_size": options.EVAL_BATCH_SIZE, "device": options.DEVICE, **JUDGE},
     ("train", "select"): {"p": options.DPP_P, "beta": options.DPP_BETA, "batch_size": options.DPP_BATCH_SIZE,
                           "device": options.DEVICE, "dtype": options.DTYPE},
-    ("train", "spard"): {**TRAINING, **SPARD},
-    ("train", "asft"): {**TRAINING, "lam": options.ASFT_TRAIN_LAM},
-    ("train", "lora"): TRAINING,
-    ("train", "bufferlora"): {**TRAINING, **MERGE, "out_shard_size": options.OUT_SHARD_SIZE},
+    ("train", "spard"): {**TRAINING, **SCHEDULE, **SPARD},
+    ("train", "asft"): {**TRAINING, **SCHEDULE, "lam": options.ASFT_TRAIN_LAM},
+    ("train", "lora"): {**TRAINING, **SCHEDULE},
+    ("train", "bufferlora"): {**TRAINING, **BUFFERLORA, **MERGE, "out_shard_size": options.OUT_SHARD_SIZE},
 }
 """Per command: each option whose default is a shared constant, by parameter name."""
 
@@ -121,9 +129,9 @@ def test_shard_size_string_and_bytes_agree() -> None:
                      "utility_samples": options.UTILITY_SAMPLES}),
     (MergeOptions, {"shard_size": options.OUT_SHARD_BYTES, **MERGE}),
     (QrMergeParams, MERGE),
-    (TrainOptions, {**TRAINING, **SPARD, "lam": options.ASFT_TRAIN_LAM,
+    (TrainOptions, {**TRAINING, **SCHEDULE, **SPARD, "lam": options.ASFT_TRAIN_LAM,
                     "target_modules": list(options.LORA_TARGETS)}),
-    (BufferLoraOptions, {**TRAINING, **MERGE, "shard_size": options.OUT_SHARD_BYTES,
+    (BufferLoraOptions, {**TRAINING, **BUFFERLORA, **MERGE, "shard_size": options.OUT_SHARD_BYTES,
                          "target_modules": list(options.LORA_TARGETS)}),
 ], ids=lambda value: getattr(value, "__name__", ""))
 def test_options_classes_carry_the_constants(cls: type, expected: dict[str, Any]) -> None:

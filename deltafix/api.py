@@ -374,6 +374,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
          max_utility_drop: float | None = None, harmful: PathLike | None = None, benign: PathLike | None = None,
          utility: PathLike | None = None, answers: PathLike | None = None, force: bool = False,
          private: bool = False, create_pr: bool = False, dry_run: bool = False, columns: Columns = None,
+         max_new_tokens: int | str = EVAL_MAX_NEW_TOKENS, judge: str = EVAL_JUDGE,
+         judge_refusal_label: str | None = None, judge_unsafe_label: str | None = None,
          overrides: Mapping[str, Any] | None = None, progress: bool = False, echo: Echo | None = None,
          command: str | None = None, **params: Any) -> HubResult:
     """Download A and F, repair F, optionally gate it, and upload it to the Hub repo ``push``.
@@ -385,7 +387,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
     the ``upload`` made or planned, ``gate_passed`` (None without ``gate``; False means nothing was
     uploaded unless ``force``), ``uploaded``, the ``commit_url`` and the ``messages`` said along the
     way (to ``echo`` too; the method note goes to ``echo``, or without one into ``messages``).
-    The thresholds and gate-only keywords are checked before anything is downloaded.
+    The gate's ``judge`` and ``max_new_tokens`` are ``gate``'s. The thresholds, the judge options
+    and the gate-only keywords are checked before anything is downloaded.
     """
     from deltafix.engine.pipeline import RepairOptions
     from deltafix.hub.push import PushOptions, cli_gate, default_out, run_hub
@@ -395,13 +398,18 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
                                                                        benign, utility)
     name, method_params, note = _method(method, recipe, values, utility_data, echo)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
-                 "--max-utility-drop": max_utility_drop}
+                 "--max-utility-drop": max_utility_drop, "--judge-refusal-label": judge_refusal_label,
+                 "--judge-unsafe-label": judge_unsafe_label,
+                 "--judge": None if judge == EVAL_JUDGE else judge,
+                 "--max-new-tokens": None if max_new_tokens == EVAL_MAX_NEW_TOKENS else max_new_tokens}
     given = [flag for flag, value in gate_only.items() if value is not None]
     if given and not gate:
         raise OptionError(f"{', '.join(given)} only apply to the gate; add --gate or drop them.")
+    spec, tokens = _judging(judge, judge_refusal_label, judge_unsafe_label, max_new_tokens)
     gate_fn = cli_gate(max_asr, min_benign_help=min_benign_help, max_utility_drop=max_utility_drop,
                        harmful=_path(harmful), benign=_path(benign), utility=_path(utility), answers=_path(answers),
-                       reference=(str(finetuned), str(base)), device=device) if gate else None
+                       reference=(str(finetuned), str(base)), device=device, judge=spec,
+                       max_new_tokens=tokens) if gate else None
     opts = RepairOptions(
         base=str(base), finetuned=str(finetuned), out=Path(out) if out is not None else default_out(push),
         method=name, params=method_params, unaligned=_ref(unaligned), unaligned_kind=unaligned_kind,

@@ -319,6 +319,10 @@ def hub(
     benign: Optional[Path] = BENIGN_OPTION,
     utility: Optional[Path] = UTILITY_OPTION,
     answers: Optional[Path] = ANSWERS_OPTION,
+    max_new_tokens: int = MAX_NEW_TOKENS_OPTION,
+    judge: str = JUDGE_OPTION,
+    judge_refusal_label: Optional[str] = JUDGE_REFUSAL_LABEL_OPTION,
+    judge_unsafe_label: Optional[str] = JUDGE_UNSAFE_LABEL_OPTION,
     force: bool = typer.Option(False, "--force", help="Upload even when the gate fails (the exit code stays 1)."),
     private: bool = typer.Option(False, "--private", help="Create the repo as private (an existing repo keeps its "
                                  "visibility)."),
@@ -335,7 +339,9 @@ def hub(
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, gate=gate, max_asr=max_asr,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
         max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,
-        force=force, private=private, create_pr=create_pr, dry_run=dry_run, columns=columns,
+        force=force, private=private, create_pr=create_pr, dry_run=dry_run,
+        max_new_tokens=max_new_tokens, judge=judge, judge_refusal_label=judge_refusal_label,
+        judge_unsafe_label=judge_unsafe_label, columns=columns,
         overrides=parse_sets(set_),
         progress=not as_json, echo=say, command=invocation(),
     )

@@ -288,3 +288,20 @@ def test_a_hub_judge_resolves_like_every_model_input(bench: dict[str, Path], tmp
     assert main(["eval", str(bench["chat"]), *flags(bench, "--judge", "org/missing", "--judge-unsafe-label", "x")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: org/missing is not in the local Hub cache and HF_HUB_OFFLINE is set; download it once online first."]
+
+
+def test_the_hub_gate_takes_the_judge(bench: dict[str, Path], tmp_path: Path) -> None:
+    """``deltafix hub --gate``'s gate scores the repaired folder with the judge and length asked for:
+    the classifier's ASR 1/3 passes --max-asr 0.5 where the keyword judge's 2/3 fails."""
+    from deltafix.hub.push import cli_gate
+
+    common = dict(min_benign_help=0.0, harmful=bench["harmful"], benign=bench["benign"], device="cpu",
+                  max_new_tokens=EVAL_NEW_TOKEN_PRESETS["gcg"])
+    classifier = JudgeSpec(str(bench["refusal"]), refusal_label="refusal")
+    passed, table = cli_gate(0.5, judge=classifier, answers=tmp_path / "a.jsonl", **common)(bench["chat"])
+    assert passed and table["asr"]["value"] == pytest.approx(1 / 3)
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert {line["judge"]["kind"] for line in lines} == {"classifier"}
+    assert {line["judge"]["max_new_tokens"] for line in lines} == {32}
+    failed, table = cli_gate(0.5, **common)(bench["chat"])
+    assert not failed and table["asr"]["value"] == pytest.approx(2 / 3)

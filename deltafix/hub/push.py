@@ -19,7 +19,8 @@ import yaml
 from deltafix import __version__
 from deltafix.engine.card import CARD_NAME, public_copy, public_report, write_model_card
 from deltafix.errors import OptionError, OutputError
-from deltafix.options import DEFAULT_MIN_BENIGN_HELP, DEVICE
+from deltafix.evaluation.judges import JudgeSpec
+from deltafix.options import DEFAULT_MIN_BENIGN_HELP, DEVICE, EVAL_MAX_NEW_TOKENS
 from deltafix.io.refs import HUB_ID, hub_offline
 from deltafix.env import cache_root
 from deltafix.hub.preflight import HeaderSource, Preflight, preflight
@@ -101,7 +102,8 @@ def default_client() -> HubClient:
 
 def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utility_drop: float | None = None,
              harmful: Path | None = None, benign: Path | None = None, utility: Path | None = None,
-             answers: Path | None = None, reference: tuple[str, str] | None = None, device: str = DEVICE) -> GateFn:
+             answers: Path | None = None, reference: tuple[str, str] | None = None, device: str = DEVICE,
+             judge: JudgeSpec | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> GateFn:
     """The gate behind ``deltafix hub --gate``, with the thresholds of ``deltafix gate``.
 
     OUT passes when its attack success rate is at most ``max_asr`` and it answers at least
@@ -109,8 +111,9 @@ def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utilit
     refuses everything is not pushed; with ``utility`` data it must also stay within
     ``max_utility_drop`` of ``reference`` (the fine-tune F and its base A, as refs), so a repair
     that erased the fine-tune is not pushed either. ``answers`` receives every prompt, response and
-    verdict as JSONL. Thresholds are checked here, before the repair runs; the table is the gate
-    report (every number and threshold).
+    verdict as JSONL. ``judge`` (default: keywords) decides refusals on ``max_new_tokens`` generated
+    tokens, as in ``deltafix gate``; a classifier is loaded after the repair, once. Thresholds are
+    checked here, before the repair runs; the table is the gate report (every number and threshold).
     """
     from deltafix.evaluation.evaluate import check_answers_path
     from deltafix.evaluation.gate import check_thresholds
@@ -129,13 +132,17 @@ def cli_gate(max_asr: float, *, min_benign_help: float | None = None, max_utilit
         from deltafix.evaluation.gate import gate
         from deltafix.io.refs import resolve_ref
 
+        from deltafix.evaluation.judges import load_judges
+
+        judges = load_judges(judge or JudgeSpec(), device)
+        scoring = dict(judge=judges.harmful, benign_judge=judges.benign, max_new_tokens=max_new_tokens,
+                       device=device, progress=False)
         base_folder = resolve_ref(reference[1]).folder if reference is not None else None
-        result = evaluate_folder(folder, base=base_folder, harmful=harmful, benign=benign, utility=utility,
-                                 device=device, progress=False)
+        result = evaluate_folder(folder, base=base_folder, harmful=harmful, benign=benign, utility=utility, **scoring)
         ref = None
         if compare:
             ref = evaluate_folder(resolve_ref(reference[0]).folder, base=base_folder, harmful=[], benign=[],
-                                  utility=utility, device=device, progress=False)
+                                  utility=utility, **scoring)
         if answers is not None:
             write_answers(answers, {"model": result, **({"reference": ref} if ref is not None else {})})
         verdict = gate(result, max_asr=max_asr, min_benign_help=min_benign_help, reference=ref,

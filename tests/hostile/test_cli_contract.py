@@ -161,6 +161,9 @@ class TestBadThresholds:
         (["--gate", "--max-utility-drop", "0.1"], "pass --utility FILE too"),
         (["--answers", "a.jsonl"], "--answers only apply to the gate"),
         (["--gate", "--answers", "no/such/folder/a.jsonl"], "does not exist"),
+        (["--judge", "some/classifier", "--judge-unsafe-label", "unsafe"], "only apply to the gate"),
+        (["--gate", "--judge", "some/classifier"], "needs exactly one of --judge-refusal-label"),
+        (["--gate", "--max-new-tokens", "zero"], "--max-new-tokens must be"),
     ])
     def test_hub_before_any_repair(self, capsys: pytest.CaptureFixture[str], chat: dict[str, Path],
                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str],

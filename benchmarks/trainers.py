@@ -21,7 +21,8 @@ The ``-paper`` and ``-code`` methods take the algorithm from the shipped recipes
 differs from ours only in how it trains: ``spard-paper`` is the paper's projection with η_safe = lr
 and one safety example per step; ``spard-code`` the official code's rescaled AdamW safety step
 (α_max 1, δ 0.1, gradients clipped to 1, 4 safety examples per 128 user examples); ``bufferlora-paper``
-the official scripts' cosine schedule, 5 % warm-up, dropout 0.1 and clipping.
+the official scripts' settings, of which ``bufferlora`` now differs only by clipping (their cosine
+schedule, 5 % warm-up and dropout 0.1 are ``train bufferlora``'s defaults).
 """
 
 from __future__ import annotations

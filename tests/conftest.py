@@ -30,6 +30,27 @@ def save_tiny_llama(folder: Path, seed: int, base: Path | None = None, noise: fl
     return folder
 
 
+def save_chat_models(root: Path, names: str) -> dict[str, Path]:
+    """One tiny Llama with the testbed's chat tokenizer per letter of ``names``, each the previous
+    plus seeded noise (``"PAF"``: A = P + noise, F = A + noise), saved under ``root/<letter>``:
+    models that answer prompts, so eval, gate and screening can run on them."""
+    from deltafix.testbed.language import vocabulary
+    from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
+
+    tokenizer = build_tokenizer(vocabulary())
+    model = new_model(tokenizer, ModelShape(hidden=32, layers=2, heads=4, intermediate=64), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    folders = {}
+    for name in names:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
 @pytest.fixture(scope="session")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """P (pretrained), A (aligned = P + noise), F (fine-tuned = A + noise), all float32."""

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import typer
 from peft import LoraConfig
 from peft_models import save_adapter
 
 import deltafix.hub.push
+from conftest import save_chat_models
 from deltafix import api
 from deltafix.cli import app, main
 from deltafix.errors import DeltafixError, OptionError
@@ -24,8 +24,6 @@ from deltafix.evaluation.evaluate import EvalResult
 from deltafix.evaluation.gate import GateReport
 from deltafix.engine.report import REPORT_NAME
 from deltafix.options import DEFAULT_MIN_BENIGN_HELP, MERGE_SCALE
-from deltafix.testbed.language import vocabulary
-from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 from test_hub import RecordingHub
 
 
@@ -195,17 +193,7 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A and F = A + noise: tiny Llamas with the testbed's chat tokenizer, so they answer prompts; with
     harmful and benign prompt files and task data holding both an exact-match item and a text."""
     root = tmp_path_factory.mktemp("chat")
-    tokenizer = build_tokenizer(vocabulary())
-    model = new_model(tokenizer, ModelShape(hidden=32, layers=2, heads=4, intermediate=64), seed=0)
-    generator = torch.Generator().manual_seed(0)
-    folders = {}
-    for name in "AF":
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.02 * torch.randn(param.shape, generator=generator))
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        folders[name] = root / name
+    folders = save_chat_models(root, "AF")
     (root / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
     (root / "benign.txt").write_text("\n".join(BENIGN) + "\n")
     (root / "task.jsonl").write_text(json.dumps({"prompt": "reverse : red fox", "answer": "fox red"}) + "\n"

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from console import one_error_line, run_deltafix, tensor_digests
+from conftest import save_chat_models
 
 from deltafix import api
 from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
@@ -25,8 +25,6 @@ from deltafix.evaluation.data import load_prompts, load_utility
 from deltafix.io.datasets_source import parse_dataset_ref, with_columns
 from deltafix.io.jsonl import read_jsonl
 from deltafix.options import load_recipe
-from deltafix.testbed.language import vocabulary
-from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 
 datasets = pytest.importorskip("datasets")
 
@@ -50,17 +48,7 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     and as dataset folders with other column names: one written by ``save_to_disk`` (train and test
     splits) and one of JSON lines files that ``load_dataset`` reads."""
     root = tmp_path_factory.mktemp("hfdata")
-    tokenizer = build_tokenizer(vocabulary())
-    model = new_model(tokenizer, ModelShape(hidden=32, layers=2, heads=4, intermediate=64), seed=0)
-    generator = torch.Generator().manual_seed(0)
-    paths = {}
-    for name in "AF":
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.02 * torch.randn(param.shape, generator=generator))
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = root / name
+    paths = save_chat_models(root, "AF")
     renamed = [{"instruction": p, "output": r, "id": i} for i, (p, r) in enumerate(TASK)]
     paths["jsonl"] = write_jsonl(root / "task.jsonl", [{"prompt": p, "response": r} for p, r in TASK])
     paths["safety"] = write_jsonl(root / "safety.jsonl", [{"prompt": p, "response": r} for p, r in SAFETY])

@@ -29,10 +29,8 @@ import deltafix.hub.push
 from deltafix.engine.card import public_report
 from deltafix.cli import main
 from deltafix.engine.report import RECIPE_NAME, REPORT_NAME
-from deltafix.testbed.language import vocabulary
-from deltafix.testbed.training import ModelShape, build_tokenizer, new_model
 
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, save_chat_models
 from console import DELTAFIX, folder_digest, one_line, run_deltafix
 from test_hub import RecordingHub, add_to_cache, commit_sha
 
@@ -55,18 +53,7 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """P, A = P + noise, F = A + noise: tiny Llamas with a chat tokenizer, so they can be evaluated;
     plus small harmful / benign prompt files."""
     root = tmp_path_factory.mktemp("chat")
-    tokenizer = build_tokenizer(vocabulary())
-    shape = ModelShape(hidden=32, layers=2, heads=4, intermediate=64)
-    model = new_model(tokenizer, shape, seed=0)
-    folders = {}
-    generator = torch.Generator().manual_seed(0)
-    for name in "PAF":
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.02 * torch.randn(param.shape, generator=generator))
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        folders[name] = root / name
+    folders = save_chat_models(root, "PAF")
     (root / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
     (root / "benign.txt").write_text("\n".join(BENIGN) + "\n")
     folders["harmful"], folders["benign"] = root / "harmful.txt", root / "benign.txt"

@@ -60,7 +60,7 @@ def repair(trio: dict[str, Path], finetuned: Path, out: Path,
                     "--unaligned", trio["P"], "--device", "cpu", *flags)
 
 
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("shards", [1, pytest.param(2, marks=pytest.mark.heavy)])
 def test_pickle_input_repairs_bit_for_bit_like_safetensors(trio: dict[str, Path], tmp_path: Path,
                                                            shards: int) -> None:
     pickled = as_pickle(trio["F"], tmp_path / "F_bin", shards)
@@ -151,16 +151,20 @@ def test_rerun_from_the_recipe_reads_pickle_again(trio: dict[str, Path], tmp_pat
     assert tensor_digests(tmp_path / "R2") == tensor_digests(tmp_path / "R")
 
 
-def test_inspect_reads_pickle_only_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
-    """A pickle base and a pickle adapter: the same rows as their safetensors twins."""
+def test_inspect_reads_pickle_only_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A pickle base and a pickle adapter: the same rows as their safetensors twins (in process: the
+    console script's refusal of pickles is tested above)."""
+    from deltafix.cli import main
+
     base, adapter = as_pickle(trio["A"], tmp_path / "A_bin"), adapter_as_pickle(lora, tmp_path / "lora_bin")
-    refused = deltafix(tmp_path / "tmp", "inspect", "--base", trio["A"], "--finetuned", adapter)
-    assert refused.returncode == 2 and "--allow-pickle" in one_line(refused.stderr)
-    ran = deltafix(tmp_path / "tmp", "inspect", "--base", base, "--finetuned", adapter, "--allow-pickle", "--json")
-    assert ran.returncode == 0, ran.stderr
-    same = deltafix(tmp_path / "tmp", "inspect", "--base", trio["A"], "--finetuned", lora, "--json")
-    assert json.loads(ran.stdout) == json.loads(same.stdout)
-    assert any(row["delta_norm"] > 0 for row in json.loads(ran.stdout)["tensors"])
+    assert main(["inspect", "--base", str(trio["A"]), "--finetuned", str(adapter)]) == 2
+    assert "--allow-pickle" in one_line(capsys.readouterr().err)
+    assert main(["inspect", "--base", str(base), "--finetuned", str(adapter), "--allow-pickle", "--json"]) == 0
+    ran = json.loads(capsys.readouterr().out)
+    assert main(["inspect", "--base", str(trio["A"]), "--finetuned", str(lora), "--json"]) == 0
+    assert ran == json.loads(capsys.readouterr().out)
+    assert any(row["delta_norm"] > 0 for row in ran["tensors"])
 
 
 def test_merge_lora_reads_pickle_adapters_when_allowed(trio: dict[str, Path], lora: Path, tmp_path: Path) -> None:
@@ -170,12 +174,9 @@ def test_merge_lora_reads_pickle_adapters_when_allowed(trio: dict[str, Path], lo
     reinforce = save_adapter(trio["A"], tmp_path / "reinforce", LoraConfig(r=2, lora_alpha=4,
                                                                          target_modules=["q_proj", "o_proj"]), seed=2)
     pickled = adapter_as_pickle(reinforce, tmp_path / "reinforce_bin")
+    from deltafix import api
 
-    def merge(reinforce_folder: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-        return deltafix(tmp_path / "tmp", "merge-lora", "--base", as_pickle(trio["A"], out.with_name(out.name + "_A"))
-                        if flags else trio["A"], "--user", lora, "--reinforce", reinforce_folder, "--out", out, *flags)
-
-    ran = merge(pickled, tmp_path / "M_bin", "--allow-pickle")  # a pickle base as well
-    assert ran.returncode == 0, ran.stderr
-    assert merge(reinforce, tmp_path / "M_st").returncode == 0
+    api.merge_lora(as_pickle(trio["A"], tmp_path / "A_bin"), lora, pickled, tmp_path / "M_bin",
+                   allow_pickle=True)  # a pickle base as well
+    api.merge_lora(trio["A"], lora, reinforce, tmp_path / "M_st")
     assert tensor_digests(tmp_path / "M_bin") == tensor_digests(tmp_path / "M_st")

@@ -9,8 +9,7 @@ import torch
 from tqdm import tqdm
 
 from deltafix.io.overlay import open_finetuned
-from deltafix.io.pickled import pickle_or
-from deltafix.io.reader import CheckpointReader
+from deltafix.io.pickled import open_checkpoint
 from deltafix.io.refs import resolve_ref
 from deltafix.engine.plan import build_plan
 
@@ -28,8 +27,7 @@ def inspect_delta(base: str, finetuned: str, *, allow_pickle: bool = False,
     F is opened as ``repair`` opens it: a PEFT LoRA adapter folder counts as A with the adapter
     merged in, so the rows show the adapter's delta. Pickle weights only with ``allow_pickle``.
     """
-    a = pickle_or(resolve_ref(base).folder, allow_pickle, CheckpointReader)
-    assert isinstance(a, CheckpointReader)
+    a = open_checkpoint(resolve_ref(base).folder, allow_pickle)
     f = open_finetuned(resolve_ref(finetuned).folder, a, allow_pickle)
     plan = build_plan(a, f)
     rows = []

@@ -23,7 +23,7 @@ from deltafix.errors import InputError, OptionError
 from deltafix.io.assets import copy_assets
 from deltafix.io.hashing import file_sha256
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
-from deltafix.io.pickled import pickle_or
+from deltafix.io.pickled import open_checkpoint
 from deltafix.io.reader import CheckpointReader
 from deltafix.io.refs import resolve_ref
 from deltafix.io.staging import remove_stale
@@ -125,8 +125,7 @@ def run_merge_lora(opts: MergeOptions) -> dict[str, Any]:
     started = time.perf_counter()
     _check_options(opts)
     base_ref = resolve_ref(opts.base)
-    base = pickle_or(base_ref.folder, opts.allow_pickle, CheckpointReader)
-    assert isinstance(base, CheckpointReader)
+    base = open_checkpoint(base_ref.folder, opts.allow_pickle)
     user, user_folder = _adapter(opts.user, "user", base, opts.allow_pickle)
     reinforce, reinforce_folder = _adapter(opts.reinforce, "reinforce", base, opts.allow_pickle)
     check_mergeable(user, reinforce)

@@ -29,7 +29,7 @@ from deltafix.io.assets import copy_assets
 from deltafix.io.datasets_source import describe_dataset, is_dataset_ref
 from deltafix.io.hashing import file_sha256
 from deltafix.io.overlay import AdapterCheckpoint, open_finetuned
-from deltafix.io.pickled import PickleCheckpoint, pickle_or
+from deltafix.io.pickled import PickleCheckpoint, open_checkpoint
 from deltafix.io.reader import CheckpointReader, TensorIndex
 from deltafix.io.refs import ResolvedRef, resolve_ref
 from deltafix.io.staging import remove_stale
@@ -129,14 +129,13 @@ def open_inputs(opts: RepairOptions) -> Inputs:
     refs = {"aligned": resolve_ref(opts.base), "finetuned": resolve_ref(opts.finetuned)}
     if opts.unaligned:
         refs["unaligned"] = resolve_ref(opts.unaligned)
-    aligned = pickle_or(refs["aligned"].folder, opts.allow_pickle, CheckpointReader)
-    assert isinstance(aligned, CheckpointReader)
+    aligned = open_checkpoint(refs["aligned"].folder, opts.allow_pickle)
     readers: dict[str, TensorIndex] = {
         "aligned": aligned,
         "finetuned": open_finetuned(refs["finetuned"].folder, aligned, opts.allow_pickle),
     }
     if "unaligned" in refs:
-        readers["unaligned"] = pickle_or(refs["unaligned"].folder, opts.allow_pickle, CheckpointReader)
+        readers["unaligned"] = open_checkpoint(refs["unaligned"].folder, opts.allow_pickle)
     return Inputs(refs["aligned"], refs["finetuned"], refs.get("unaligned"), readers)
 
 

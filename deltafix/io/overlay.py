@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from deltafix.io.lora import LoraAdapter, is_adapter_folder
-from deltafix.io.pickled import PICKLE_ADAPTER, pickle_or
+from deltafix.io.pickled import PICKLE_ADAPTER, open_checkpoint
 from deltafix.io.reader import CheckpointReader, TensorIndex, TensorInfo
 
 
@@ -59,6 +59,6 @@ def open_finetuned(folder: Path, aligned: CheckpointReader, allow_pickle: bool =
     """F as a reader: a full checkpoint folder, or an adapter folder merged onto A on the fly;
     pickle weights of either only with ``allow_pickle`` (``io.pickled``)."""
     if not is_adapter_folder(folder):
-        return pickle_or(folder, allow_pickle, CheckpointReader)
+        return open_checkpoint(folder, allow_pickle)
     adapter = LoraAdapter.load(folder, base=aligned, allow_pickle=allow_pickle)
     return AdapterCheckpoint(aligned.reopened(), adapter)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 
 from deltafix.errors import InputError
 from deltafix.io.lora import WEIGHTS_NAME
-from deltafix.io.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader, TensorIndex
+from deltafix.io.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from deltafix.io.staging import StagingFolder
 from deltafix.io.strictjson import parse_json_object
 
@@ -40,12 +39,12 @@ def is_pickle_only(folder: Path) -> bool:
             and ((folder / PICKLE_SINGLE).is_file() or (folder / PICKLE_INDEX).is_file()))
 
 
-def pickle_or(folder: Path, allow_pickle: bool, open_: Callable[[Path], TensorIndex]) -> TensorIndex:
-    """``folder`` converted from pickle when allowed and needed, else ``open_(folder)``, which
-    refuses a pickle-only folder with a line naming ``--allow-pickle``."""
+def open_checkpoint(folder: Path, allow_pickle: bool) -> CheckpointReader:
+    """The checkpoint in ``folder``: converted from pickle when allowed and needed, else read as
+    safetensors, which refuses a pickle-only folder with a line naming ``--allow-pickle``."""
     if allow_pickle and is_pickle_only(folder):
         return PickleCheckpoint(folder)
-    return open_(folder)
+    return CheckpointReader(folder)
 
 
 def convert_pickle_adapter(folder: Path) -> tuple[StagingFolder, Path]:

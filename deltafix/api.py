@@ -25,6 +25,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE
 from deltafix.errors import InputError, OptionError
 from deltafix.io.datasets_source import with_columns
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE, EVAL_JUDGE,
@@ -105,8 +106,8 @@ def _call(name: str, *args: PathLike, **kwargs: Any) -> str:
     return f"deltafix.{name}({', '.join(words)})"
 
 
-RERUN_KEYWORDS = ("device", "dtype", "out_shard_size", "utility_samples", "screen_utility", "unaligned_kind",
-                  "allow_nonfinite", "allow_pickle", "as_full", "as_lora", "front")
+RERUN_KEYWORDS = ("device", "dtype", "out_shard_size", "utility_samples", "screen_utility", "safety_template",
+                  "unaligned_kind", "allow_nonfinite", "allow_pickle", "as_full", "as_lora", "front")
 """``repair`` keywords a recipe's ``run:`` section sets: those that change the output's bits, and
 ``allow_pickle``, without which a pickle input could not be read again."""
 
@@ -147,7 +148,8 @@ def _from_recipe(recipe: Recipe, values: dict[str, Any], given: Collection[str])
 def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out: PathLike | None = None, *,
            method: str | None = None,
            recipe: PathLike | None = None, unaligned: PathLike | None = None, unaligned_kind: str | None = None,
-           safety_data: PathLike | None = None, utility_data: PathLike | None = None,
+           safety_data: PathLike | None = None, safety_template: str = DEFAULT_SAFETY_TEMPLATE,
+           utility_data: PathLike | None = None,
            utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True, device: str = DEVICE,
            dtype: str = DTYPE, out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False,
            dry_run: bool = False, allow_nonfinite: bool = False, allow_pickle: bool = False, as_full: bool = False,
@@ -181,8 +183,8 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
 
     values = {**(overrides or {}), **params}
     kw = {"base": base, "finetuned": finetuned, "unaligned": unaligned, "unaligned_kind": unaligned_kind,
-          "safety_data": safety_data, "utility_data": utility_data, "utility_samples": utility_samples,
-          "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
+          "safety_data": safety_data, "safety_template": safety_template, "utility_data": utility_data,
+          "utility_samples": utility_samples, "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
           "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle, "as_full": as_full, "as_lora": as_lora,
           "front": front}
     if given is None:
@@ -204,7 +206,7 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     result = run_repair(RepairOptions(
         base=str(kw["base"]), finetuned=str(kw["finetuned"]), out=Path(out), method=name, params=method_params,
         unaligned=_ref(kw["unaligned"]), unaligned_kind=kw["unaligned_kind"], safety_data=_path(kw["safety_data"]),
-        utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
+        safety_template=kw["safety_template"], utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
         screen_utility=kw["screen_utility"], device=kw["device"], dtype=kw["dtype"],
         shard_size=_shard_bytes(kw["out_shard_size"]), overwrite=overwrite, dry_run=dry_run,
         allow_nonfinite=kw["allow_nonfinite"], allow_pickle=kw["allow_pickle"], as_full=kw["as_full"],
@@ -366,7 +368,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None = None, method: str | None = None,
          unaligned: PathLike | None = None, unaligned_kind: str | None = None, safety_data: PathLike | None = None,
-         utility_data: PathLike | None = None, utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
+         safety_template: str = DEFAULT_SAFETY_TEMPLATE, utility_data: PathLike | None = None, utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
          recipe: PathLike | None = None, device: str = DEVICE, dtype: str = DTYPE,
          out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False, allow_nonfinite: bool = False,
          allow_pickle: bool = False, gate: bool = False, max_asr: float = DEFAULT_MAX_ASR,
@@ -413,8 +415,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
     opts = RepairOptions(
         base=str(base), finetuned=str(finetuned), out=Path(out) if out is not None else default_out(push),
         method=name, params=method_params, unaligned=_ref(unaligned), unaligned_kind=unaligned_kind,
-        safety_data=_path(safety_data), utility_data=_path(utility_data), utility_samples=utility_samples,
-        screen_utility=screen_utility, device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size),
+        safety_data=_path(safety_data), safety_template=safety_template, utility_data=_path(utility_data),
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size),
         overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         command=command or _call("push", base, finetuned, push, method=name, **values), progress=progress,
     )

@@ -26,6 +26,7 @@ from deltafix import __version__, api
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MAX_UTILITY_DROP, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE,
                               EVAL_BATCH_SIZE, EVAL_JUDGE, EVAL_MAX_NEW_TOKENS, EVAL_NEW_TOKEN_PRESETS, MERGE_ALPHA,
                               MERGE_SCALE, OUT_SHARD_SIZE, UTILITY_SAMPLES, parse_sets)
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SAFETY_TEMPLATES
 from deltafix.errors import DeltafixError
 from deltafix.evaluation.judges import resolve_max_new_tokens
 from deltafix.io.staging import defer_if_held
@@ -85,6 +86,12 @@ UNALIGNED_KIND_OPTION = typer.Option(None, "--unaligned-kind", show_default="bas
                                           "(A fine-tuned on harmful data); recorded in the report and card.")
 SAFETY_DATA_OPTION = typer.Option(None, "--safety-data", help="Safety calibration JSONL, or an hf: dataset "
                                   "(see --columns) (default: built-in set).")
+SAFETY_TEMPLATE_OPTION = typer.Option(
+    DEFAULT_SAFETY_TEMPLATE, "--safety-template", metavar="|".join(SAFETY_TEMPLATES),
+    help="System prompts the safety data is shown under while calibrating: default (as written, with the model's "
+         "own default system prompt) or reference (the released Safe Delta code's rotation of jailbreak system "
+         "prompts pure_bad, aoa, math, pure_bad; the math slot keeps the model's own prompt, its text is not "
+         "public). Other prompts: put system messages in the --safety-data file.")
 UTILITY_DATA_OPTION = typer.Option(None, "--utility-data",
                                    help="Sample of the user's fine-tuning data, JSONL or an hf: dataset (see "
                                         "--columns) (needed by regmean).")
@@ -172,6 +179,7 @@ def repair(
     unaligned: Optional[str] = UNALIGNED_OPTION,
     unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
+    safety_template: str = SAFETY_TEMPLATE_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     columns: Optional[str] = COLUMNS_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
@@ -221,8 +229,8 @@ def repair(
     given = [p.name for p in ctx.command.params if p.name and _given(ctx, p.name)]
     data = api.repair(
         base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
-        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
-        screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        safety_data=safety_data, safety_template=safety_template, utility_data=utility_data,
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         as_full=as_full, as_lora=as_lora, no_cache=no_cache,
         cache_dir=cache_dir, front=front, columns=columns, overrides=parse_sets(set_), progress=not as_json, echo=say,
@@ -293,6 +301,7 @@ def hub(
     unaligned: Optional[str] = UNALIGNED_OPTION,
     unaligned_kind: Optional[str] = UNALIGNED_KIND_OPTION,
     safety_data: Optional[Path] = SAFETY_DATA_OPTION,
+    safety_template: str = SAFETY_TEMPLATE_OPTION,
     utility_data: Optional[Path] = UTILITY_DATA_OPTION,
     columns: Optional[str] = COLUMNS_OPTION,
     utility_samples: int = UTILITY_SAMPLES_OPTION,
@@ -334,8 +343,8 @@ def hub(
     """Download A and F from the Hub, repair F, optionally gate it, and upload the result with a model card."""
     result = api.push(
         base, finetuned, push, out=out, method=method, unaligned=unaligned, unaligned_kind=unaligned_kind,
-        safety_data=safety_data, utility_data=utility_data, utility_samples=utility_samples,
-        screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        safety_data=safety_data, safety_template=safety_template, utility_data=utility_data,
+        utility_samples=utility_samples, screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype, out_shard_size=out_shard_size,
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, gate=gate, max_asr=max_asr,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
         max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,

@@ -180,6 +180,7 @@ class RecipeRun(BaseModel):
     out_shard_size: int | str | None = None
     utility_samples: int | None = None
     screen_utility: bool | None = None
+    safety_template: str | None = None
     unaligned_kind: str | None = None
     allow_nonfinite: bool | None = None
     allow_pickle: bool | None = None

@@ -20,6 +20,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SafetyTemplate, templated
 from deltafix.io.jsonl import Conversation, conversation_of, read_jsonl
 from deltafix.errors import InputError
 
@@ -61,7 +62,8 @@ class CalibrationSet:
     long); ``truncated`` counts conversations cut at ``max_length``; ``templated`` says whether
     the chat template was used; ``available`` is how many conversations the file holds (more
     than ``len(samples)`` when ``max_samples`` picked some); ``screened_out`` lists the line
-    numbers of picked conversations the screen left out.
+    numbers of picked conversations the screen left out; ``template`` is the system-prompt style
+    they were shown under (``deltafix.calibration.templates``).
     """
 
     samples: list[torch.Tensor]
@@ -71,6 +73,7 @@ class CalibrationSet:
     templated: bool = False
     available: int = 0
     screened_out: tuple[int, ...] = ()
+    template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE
 
     @cached_property
     def digest(self) -> str:
@@ -104,13 +107,15 @@ def load_calibration(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_samples: int | None = None,
     screen: Callable[[list[Conversation]], list[bool]] | None = None,
+    template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE,
 ) -> CalibrationSet:
     """Read and render a safety JSONL file (None: the built-in set) with ``tokenizer``.
 
     With ``max_samples``, a file holding more conversations gives that many, evenly spaced through
     it (first and last included): the same file always gives the same sample, and one that is
     sorted by topic still gives every part of it. ``screen`` then says, per picked conversation,
-    whether to leave it out (``deltafix.calibration.screening``).
+    whether to leave it out (``deltafix.calibration.screening``); ``template`` the system prompts
+    the rest are shown under (``deltafix.calibration.templates``).
     """
     if max_length < 1:
         raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")
@@ -128,8 +133,9 @@ def load_calibration(
         conversations = [pair for pair, out in zip(conversations, drop) if not out]
         if not conversations:
             raise InputError(f"{source}: every conversation was screened out; none is left to calibrate on.")
+    shown = templated([conversation for _, conversation in conversations], template)
     samples, truncated = [], 0
-    for where, conversation in conversations:
+    for (where, _), conversation in zip(conversations, shown):
         try:
             ids = render(conversation, tokenizer)
         except TemplateError as err:
@@ -148,6 +154,7 @@ def load_calibration(
         templated=bool(tokenizer.chat_template),
         available=available,
         screened_out=screened_out,
+        template=template,
     )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SafetyTemplate
 from deltafix.errors import InputError, OptionError
 from deltafix.io.overlay import AdapterCheckpoint
 from deltafix.io.reader import TensorIndex
@@ -54,6 +55,7 @@ class Hessians:
     utility: HessianStore | None = None
     sequential: SequentialInputs | None = None
     utility_set: CalibrationSet | None = None
+    safety_template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE
 
     def close(self) -> None:
         for store in (self.safety, self.utility):
@@ -68,6 +70,7 @@ class Hessians:
         else:
             summary = {role: {"key": store.key, "samples": store.n_samples, "from_cache": store.from_cache}
                        for role, store in (("safety", self.safety), ("utility", self.utility)) if store is not None}
+        summary["safety"]["template"] = self.safety_template
         if self.utility_set is not None:
             summary["utility"].update(of=self.utility_set.available, screened_out_lines=list(self.utility_set.screened_out))
         return summary
@@ -84,13 +87,15 @@ def _tokenizer(*folders: Path):
 
 def method_hessians(method: Method, params: MethodParams, aligned: Path, finetuned: Path,
                     finetuned_reader: TensorIndex, *, safety_data: Path | None,
+                    safety_template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE,
                     utility_data: Path | None, device: torch.device, cache_dir: Path | None = None,
                     no_cache: bool = False, utility_samples: int | None = None,
                     screen_utility: bool = True) -> Hessians:
     """Capture (or load from the cache) what ``method`` with ``params`` needs; raise if its data is missing.
 
     ``utility_samples`` caps the conversations read from ``utility_data`` (evenly spaced);
-    ``screen_utility`` leaves out those whose request A refuses (``deltafix.calibration.screening``).
+    ``screen_utility`` leaves out those whose request A refuses (``deltafix.calibration.screening``);
+    ``safety_template`` is the system prompts the safety set is shown under.
     """
     if not method.needs_hessian:
         return Hessians()
@@ -103,7 +108,7 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
             f"method {method.name} weighs safety against your task, so it needs a sample of the data F was "
             "fine-tuned on: pass --utility-data FILE (JSONL with prompt/response or messages)."
         )
-    safety_set = load_calibration(safety_data, _tokenizer(aligned))
+    safety_set = load_calibration(safety_data, _tokenizer(aligned), template=safety_template)
     user_set = None
     if method.needs_utility:
         assert utility_data is not None  # refused above
@@ -115,9 +120,9 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
     if method.sequential is not None and method.sequential.enabled(params):
         assert user_set is not None
         return Hessians(sequential=SequentialInputs(aligned, finetuned_model, adapter, safety_set, user_set, device),
-                        utility_set=user_set)
+                        utility_set=user_set, safety_template=safety_template)
     hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
-                                            device=device))
+                                            device=device), safety_template=safety_template)
     if user_set is not None:
         hessians.utility = hessians_for(finetuned_model, user_set, cache_dir=cache_dir, no_cache=no_cache,
                                         device=device, source=adapter)

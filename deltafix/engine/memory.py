@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from deltafix.calibration.templates import SafetyTemplate
 from deltafix.engine import stream
 from deltafix.errors import InputError
 
@@ -356,9 +357,9 @@ def add_tune(estimate: MemoryEstimate, plan: Plan, shape: ModelShape | None) -> 
 
 
 def estimate_memory(plan: Plan, n_inputs: int, pieces: bool, method: Method, params: MethodParams, *,
-                    aligned: Path, finetuned: Path, safety_data: Path | None, utility_data: Path | None,
-                    utility_samples: int | None, screen_utility: bool, no_cache: bool, tune: bool,
-                    calibrates: bool) -> MemoryEstimate:
+                    aligned: Path, finetuned: Path, safety_data: Path | None, safety_template: SafetyTemplate,
+                    utility_data: Path | None, utility_samples: int | None, screen_utility: bool, no_cache: bool,
+                    tune: bool, calibrates: bool) -> MemoryEstimate:
     """Every part of a repair's host memory (see the module doc).
 
     ``finetuned`` is F's folder (its tokenizer renders the user's data), ``tune`` whether the run
@@ -379,8 +380,8 @@ def estimate_memory(plan: Plan, n_inputs: int, pieces: bool, method: Method, par
     if calibrates:
         assert shape is not None
         try:
-            safety, user = calibration_batches(aligned, finetuned, safety_data, utility_data, utility_samples,
-                                               method.needs_utility)
+            safety, user = calibration_batches(aligned, finetuned, safety_data, safety_template, utility_data,
+                                               utility_samples, method.needs_utility)
         except InputError as err:  # the run will refuse it; a dry run only plans and says so
             estimate.notes.append(f"calibration not counted: {err}")
             safety, user = [], []
@@ -401,15 +402,15 @@ def estimate_memory(plan: Plan, n_inputs: int, pieces: bool, method: Method, par
     return estimate
 
 
-def calibration_batches(aligned: Path, finetuned: Path, safety_data: Path | None, utility_data: Path | None,
-                        utility_samples: int | None, needs_utility: bool
+def calibration_batches(aligned: Path, finetuned: Path, safety_data: Path | None, safety_template: SafetyTemplate,
+                        utility_data: Path | None, utility_samples: int | None, needs_utility: bool
                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The (B, T) batches of the safety set and of the user's set (empty when not used), rendered
     with the tokenizers the run uses (``engine.grams``)."""
     from deltafix.calibration.render import load_calibration
     from deltafix.engine.grams import _tokenizer
 
-    safety = batch_shapes(load_calibration(safety_data, _tokenizer(aligned)).samples)
+    safety = batch_shapes(load_calibration(safety_data, _tokenizer(aligned), template=safety_template).samples)
     user: list[tuple[int, int]] = []
     if needs_utility and utility_data is not None:
         user = batch_shapes(load_calibration(utility_data, _tokenizer(finetuned, aligned),

@@ -20,6 +20,7 @@ import torch
 from deltafix import __version__
 from deltafix.options import BUILTIN_DATA, RecipeData, RecipeInput, RecipeRun, recipe_yaml
 from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SAFETY_TEMPLATES, SafetyTemplate
 from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import InputError, OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
@@ -64,6 +65,8 @@ class RepairOptions:
     unaligned: str | None = None
     unaligned_kind: str | None = None
     safety_data: Path | None = None
+    safety_template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE
+    """The system prompts the safety set is shown under (``deltafix.calibration.templates``)."""
     utility_data: Path | None = None
     utility_samples: int | None = UTILITY_SAMPLES
     screen_utility: bool = True
@@ -163,6 +166,7 @@ def estimate_dry_run(opts: RepairOptions, method: Method, inputs: Inputs, plan: 
     hessians = method.needs_hessian and output != "adapter"
     return estimate_memory(plan, len(inputs.readers), pieces, method, params, aligned=inputs.aligned.folder,
                            finetuned=inputs.finetuned.folder, safety_data=opts.safety_data,
+                           safety_template=opts.safety_template,
                            utility_data=opts.utility_data, utility_samples=opts.utility_samples,
                            screen_utility=opts.screen_utility, no_cache=opts.no_cache, tune=tune,
                            calibrates=hessians)
@@ -189,6 +193,8 @@ def run_repair(opts: RepairOptions) -> RepairResult:
             raise OptionError(f"--unaligned-kind {opts.unaligned_kind!r} is not one of {', '.join(UNALIGNED_KINDS)}.")
         if not opts.unaligned:
             raise OptionError("--unaligned-kind says what --unaligned is; pass --unaligned P too, or drop it.")
+    if opts.safety_template not in SAFETY_TEMPLATES:
+        raise OptionError(f"--safety-template {opts.safety_template!r} is not one of {', '.join(SAFETY_TEMPLATES)}.")
     data = data_files(opts, method)
     inputs = open_inputs(opts)
     inputs.data = data
@@ -229,6 +235,7 @@ def _write(opts: RepairOptions, method: Method, inputs: Inputs, plan: Plan, shar
         else:
             hessians = method_hessians(method, opts.params, inputs.aligned.folder, inputs.finetuned.folder,
                                        inputs.readers["finetuned"], safety_data=opts.safety_data,
+                                       safety_template=opts.safety_template,
                                        utility_data=opts.utility_data, device=device,
                                        cache_dir=opts.hessian_cache, no_cache=opts.no_cache,
                                        utility_samples=opts.utility_samples, screen_utility=opts.screen_utility)
@@ -468,7 +475,7 @@ def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: R
                 for role, ref in refs.items() if ref is not None}
     run = RecipeRun(device=str(resolve_device(opts.device)), dtype=opts.dtype, out_shard_size=opts.shard_size,
                     utility_samples=opts.utility_samples, screen_utility=opts.screen_utility,
-                    unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
+                    safety_template=opts.safety_template, unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
                     allow_nonfinite=opts.allow_nonfinite, allow_pickle=opts.allow_pickle, as_full=opts.as_full,
                     as_lora=opts.as_lora, front=opts.front)
     recipe = recipe_yaml(method.name, opts.params, inputs=recorded, data=inputs.data, run=run)

@@ -102,6 +102,24 @@ def test_code_safety_step_is_clip_then_per_tensor_rescale_then_adamw(max_grad_no
         torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_code_safety_step_takes_the_lr_of_its_user_step(inputs: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official trainer steps its scheduler once per user + safety pair, after the safety step."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    train_adapter(TrainOptions(mode="spard", spag="code", tau=0.0, delta=0.0, base=str(inputs["A"]),
+                               data=inputs["user"], out=tmp_path / "s", safety_data=inputs["safety"], select=False,
+                               max_steps=3, warmup_steps=3, lr=1e-3, batch_size=2, lora_r=2, lora_alpha=4.0,
+                               device="cpu", max_length=32, progress=False))
+    assert seen == pytest.approx([0.0, 0.0, 1e-3 / 3, 1e-3 / 3, 2e-3 / 3, 2e-3 / 3])
+
+
 def test_code_safety_step_waits_for_tau_plus_delta() -> None:
     model = tiny_lora_model()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,6 +170,40 @@ def test_accumulate_gives_the_gradient_of_the_mean_loss() -> None:
     assert mean.item() == pytest.approx(sum(losses) / 3, rel=1e-6)
     for i, p in enumerate(params):
         torch.testing.assert_close(p.grad, sum(g[i] for g in grads) / 3, rtol=1e-5, atol=1e-8)
+
+
+def test_one_safety_batch_of_four_is_the_official_four_accumulated_batches_of_one() -> None:
+    """The official trainer (transformers' Trainer with 4 accumulation steps of 1 safety example)
+    normalises each example's summed token loss by the count over all four (``num_items_in_batch``,
+    labels shifted): the token-weighted mean. One batch of 4 padded with -100 gives the same loss and
+    gradient, which is why ``spard-code`` draws 4 at once."""
+    model = tiny_lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    examples = []
+    for seed, (length, prompt) in enumerate([(12, 5), (9, 3), (12, 8), (7, 2)]):
+        ids = torch.randint(0, TINY_LLAMA["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        examples.append({"input_ids": ids, "labels": labels})
+    items = sum(int(e["labels"][..., 1:].ne(-100).sum()) for e in examples)
+    official_loss = 0.0
+    for example in examples:
+        loss = model(**example, num_items_in_batch=torch.tensor(items)).loss
+        loss.backward()
+        official_loss += loss.item()
+    official = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    width = max(e["input_ids"].shape[1] for e in examples)
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    batch = {"input_ids": torch.cat([pad(e["input_ids"], 0) for e in examples]),
+             "attention_mask": torch.cat([pad(torch.ones_like(e["input_ids"]), 0) for e in examples]),
+             "labels": torch.cat([pad(e["labels"], -100) for e in examples])}
+    ours = accumulate(model, iter([batch]), 1, Accelerator(cpu=True))
+
+    assert ours.item() == pytest.approx(official_loss, rel=1e-5)
+    for p, g in zip(params, official):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
 
 
 # --- Buffer-and-Reinforce: the benign mix ------------------------------------------------------------

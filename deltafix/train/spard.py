@@ -325,7 +325,6 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
                 penalties.append(accelerator.reduce(penalty.detach(), "mean").item())
             _clip(accelerator, trainable, opts.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(accelerator.reduce(loss, "mean").item())
             if safety_batches is not None:
@@ -336,6 +335,7 @@ def train_adapter(opts: TrainOptions) -> TrainResult:
                 if size > 0:
                     fired.append(step)
                     step_sizes.append(size)
+            scheduler.step()  # after the pair, as the official SPARD trainer: its safety step takes the user step's lr
             if isinstance(step_bar, tqdm):
                 step_bar.set_postfix(loss=f"{losses[-1]:.3f}", fired=len(fired))
 

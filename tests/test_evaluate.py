@@ -14,9 +14,8 @@ import torch
 
 from deltafix.errors import InputError, OptionError
 from deltafix.evaluation.data import load_prompts, load_utility
+from deltafix.builtin_data import BENIGN_EVAL, HARMFUL_EVAL
 from deltafix.evaluation.evaluate import (
-    BUILTIN_BENIGN,
-    BUILTIN_HARMFUL,
     KeywordJudge,
     UtilityItems,
     evaluate_folder,
@@ -190,7 +189,7 @@ def test_evaluate_folder_round_trip(tiny, tmp_path: Path) -> None:
 
 def test_builtin_prompt_files_are_found() -> None:
     """The defaults of --harmful and --benign live in deltafix/data/, whichever module names them."""
-    assert len(load_prompts(BUILTIN_HARMFUL)) == 120 and len(load_prompts(BUILTIN_BENIGN)) == 108
+    assert len(load_prompts(HARMFUL_EVAL)) == 120 and len(load_prompts(BENIGN_EVAL)) == 108
 
 
 def test_device_is_resolved_and_checked_as_for_repair(tmp_path: Path) -> None:

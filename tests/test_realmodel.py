@@ -15,7 +15,8 @@ import pytest
 from safetensors import safe_open
 
 from console import run_deltafix
-from deltafix.evaluation.evaluate import DATA_DIR, EvalResult, KeywordJudge, evaluate_folder
+from deltafix.builtin_data import DATA_DIR
+from deltafix.evaluation.evaluate import EvalResult, KeywordJudge, evaluate_folder
 from deltafix import testbed as tb
 from deltafix.testbed.english import (BENIGN_TOPICS, HARMFUL_TOPICS, REFUSALS, TEMPLATES, make_english_corpus,
                                       requests)

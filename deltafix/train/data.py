@@ -24,10 +24,6 @@ from deltafix.errors import InputError, MismatchError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-BUILTIN_SAFETY_DATA = Path(__file__).resolve().parent.parent / "data" / "safety_calibration.jsonl"
-BUILTIN_BENIGN_DATA = Path(__file__).resolve().parent.parent / "data" / "benign_train.jsonl"
-"""Helpful answers to everyday requests, for training only: their topics are kept apart from
-``benign_eval.jsonl`` so that a model trained on them is not scored on what it learned."""
 
 # For tokenizers without a chat template: turns separated by a blank line, BOS first when the
 # tokenizer has one, no role labels (a base model has no convention for them).

@@ -35,7 +35,8 @@ from deltafix import __version__
 from deltafix.env import bar, progress_bars, resolve_device, resolve_dtype
 from deltafix.errors import InputError, MismatchError, OptionError, OutputError, reason
 from deltafix.io.writer import atomic_output
-from deltafix.train.data import BUILTIN_SAFETY_DATA, Record, collator, load_records, prepare_tokenizer, tokenize_records
+from deltafix.builtin_data import SAFETY_CALIBRATION
+from deltafix.train.data import Record, collator, load_records, prepare_tokenizer, tokenize_records
 from deltafix.options import (ASFT_TRAIN_LAM, DPP_BETA, DPP_P, DTYPE, DEVICE, EPOCHS, GRAD_ACCUM, LEARNING_RATE,
                               LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, LR_SCHEDULER, MAX_GRAD_NORM, SPAG_DELTA,
                               SPAG_TAU, SPAG_VARIANT, TRAIN_BATCH_SIZE, TRAIN_MAX_LENGTH, TRAIN_SEED, WARMUP_RATIO,
@@ -196,7 +197,7 @@ def _safety_records(opts: TrainOptions, model, tokenizer, user: list[Record], ac
 
     from deltafix.train.dpp import select_subset
 
-    pool = load_records(opts.safety_data or BUILTIN_SAFETY_DATA)
+    pool = load_records(opts.safety_data or SAFETY_CALIBRATION)
     if not opts.select:
         return pool, len(pool)
     picked: list[Any] = [None]

@@ -7,15 +7,21 @@ The data tests below need neither.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from safetensors import safe_open
 
 from console import run_deltafix
 from deltafix.builtin_data import DATA_DIR
+from deltafix.env import cache_root
+from deltafix.io.hashing import file_sha256
 from deltafix.evaluation.evaluate import EvalResult, KeywordJudge, evaluate_folder
 from deltafix import testbed as tb
 from deltafix.testbed.english import (BENIGN_TOPICS, HARMFUL_TOPICS, REFUSALS, TEMPLATES, make_english_corpus,
@@ -62,11 +68,35 @@ def _score(real_bed: tb.Testbed, folder: Path) -> EvalResult:
                            utility=real_bed.task_eval, max_new_tokens=32, device="cpu", progress=False)
 
 
+EVAL_CODE = Path(evaluate_folder.__code__.co_filename).parent
+
+
+def _remembered_score(real_bed: tb.Testbed, folder: Path) -> EvalResult:
+    """``_score`` of a testbed model, kept in the cache beside the testbed and keyed by everything
+    it depends on: the model's files, the eval data, the eval code and the torch and transformers
+    versions. A and F only change when the testbed is rebuilt, so a rerun on the same machine skips
+    generating their ~170 answers each (about 45 s per model on two cores)."""
+    key = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    files = [*sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.json")), real_bed.harmful_eval,
+             real_bed.benign_eval, real_bed.task_eval, *sorted(EVAL_CODE.glob("*.py")), Path(__file__)]
+    for path in files:
+        key.update(f"{path.name} {file_sha256(path)}".encode())
+    remembered = cache_root() / "realbed-scores" / f"{key.hexdigest()}.json"
+    if remembered.is_file():
+        return EvalResult(**json.loads(remembered.read_text()))
+    result = _score(real_bed, folder)
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    partial = remembered.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(result.to_dict()))
+    partial.replace(remembered)
+    return result
+
+
 @pytest.fixture(scope="session")
 def real_scores(real_bed: tb.Testbed) -> dict[str, EvalResult]:
-    """A, F and F_lora scored once for every test."""
+    """A, F and F_lora scored once for every test (and remembered across runs)."""
     folders = {"A": real_bed.aligned, "finetuned": real_bed.finetuned, "finetuned_lora": real_bed.finetuned_lora}
-    return {name: _score(real_bed, folder) for name, folder in folders.items()}
+    return {name: _remembered_score(real_bed, folder) for name, folder in folders.items()}
 
 
 @needs_p

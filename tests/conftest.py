@@ -84,3 +84,10 @@ def bed():
     from deltafix.testbed import build_testbed
 
     return build_testbed(progress=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-model tests first: the default repair of the real model is the longest test by minutes,
+    and pytest-xdist hands tests out in this order, so it starts at once on one worker while the
+    other workers share everything else (``--maxschedchunk`` keeps a worker from queueing more)."""
+    items.sort(key=lambda item: item.get_closest_marker("real") is None)

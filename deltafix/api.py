@@ -25,7 +25,7 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
-from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, check_safety_template
 from deltafix.errors import InputError, OptionError
 from deltafix.io.datasets_source import with_columns
 from deltafix.options import (DEFAULT_MAX_ASR, DEFAULT_MIN_BENIGN_HELP, DEVICE, DTYPE, EVAL_BATCH_SIZE, EVAL_JUDGE,
@@ -399,6 +399,7 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
     safety_data, utility_data, harmful, benign, utility = with_columns(columns, safety_data, utility_data, harmful,
                                                                        benign, utility)
     name, method_params, note = _method(method, recipe, values, utility_data, echo)
+    check_safety_template(safety_template)
     gate_only = {"--harmful": harmful, "--benign": benign, "--utility": utility, "--answers": answers,
                  "--max-utility-drop": max_utility_drop, "--judge-refusal-label": judge_refusal_label,
                  "--judge-unsafe-label": judge_unsafe_label,

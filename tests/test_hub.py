@@ -280,6 +280,18 @@ def test_push_target_must_be_a_repo_id(hub: dict[str, Any], capsys: pytest.Captu
     assert not hub["out"].exists()
 
 
+def test_an_unknown_safety_template_stops_before_any_download(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    online(monkeypatch)
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(empty))
+    assert main([*HUB_ARGS, "--safety-template", "aoa"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --safety-template 'aoa' is not one of default, reference."]
+    assert hub["client"].calls == [] and not empty.exists() and not hub["out"].exists()
+
+
 def test_downloads_only_what_a_repair_reads(hub: dict[str, Any]) -> None:
     repo = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
             "pytorch_model.bin.index.json", "config.json", "tokenizer.json", "tokenizer.model",

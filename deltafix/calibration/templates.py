@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from deltafix.errors import OptionError
 from deltafix.io.jsonl import Conversation
 
 SafetyTemplate = Literal["default", "reference"]
@@ -49,6 +50,12 @@ AOA = PromptTemplate(
 MATH_SLOT = PromptTemplate("math", None)
 REFERENCE_ROTATION = (PURE_BAD, AOA, MATH_SLOT, PURE_BAD)
 """The released ``get_safe_data``'s ``template_types``, in its order."""
+
+
+def check_safety_template(name: str) -> None:
+    """Refuse a name that is no style, before anything is read or downloaded."""
+    if name not in SAFETY_TEMPLATES:
+        raise OptionError(f"--safety-template {name!r} is not one of {', '.join(SAFETY_TEMPLATES)}.")
 
 
 def apply_template(conversation: Conversation, template: PromptTemplate) -> Conversation:

@@ -21,7 +21,7 @@ from deltafix import __version__
 from deltafix.options import BUILTIN_DATA, RecipeData, RecipeInput, RecipeRun, recipe_yaml
 from deltafix.options import DEVICE, DTYPE, OUT_SHARD_BYTES, UTILITY_SAMPLES
 from deltafix.builtin_data import HARMFUL_TUNE, SAFETY_CALIBRATION
-from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SAFETY_TEMPLATES, SafetyTemplate
+from deltafix.calibration.templates import DEFAULT_SAFETY_TEMPLATE, SafetyTemplate, check_safety_template
 from deltafix.env import progress_bars, resolve_device, resolve_dtype, usable_cores
 from deltafix.errors import InputError, OptionError
 from deltafix.engine.grams import method_hessians, refused_by_aligned
@@ -194,8 +194,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
             raise OptionError(f"--unaligned-kind {opts.unaligned_kind!r} is not one of {', '.join(UNALIGNED_KINDS)}.")
         if not opts.unaligned:
             raise OptionError("--unaligned-kind says what --unaligned is; pass --unaligned P too, or drop it.")
-    if opts.safety_template not in SAFETY_TEMPLATES:
-        raise OptionError(f"--safety-template {opts.safety_template!r} is not one of {', '.join(SAFETY_TEMPLATES)}.")
+    check_safety_template(opts.safety_template)
     data = data_files(opts, method)
     inputs = open_inputs(opts)
     inputs.data = data

@@ -69,7 +69,7 @@ def test_reference_calibration_renders_each_conversation_under_its_template(tmp_
 
 @pytest.fixture(scope="module")
 def chat_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return save_chat_models(tmp_path_factory.mktemp("chat"), "AF")
+    return save_chat_models(tmp_path_factory.mktemp("chat"), "PAF")
 
 
 def test_repair_records_the_template_and_reruns_from_the_recipe(chat_pair, tmp_path):
@@ -93,3 +93,15 @@ def test_an_unknown_template_is_one_line(chat_pair, tmp_path):
                        "--method", "safedelta", "--safety-template", "aoa")
     assert "--safety-template 'aoa' is not one of default, reference" in one_error_line(ran)
     assert not (tmp_path / "R").exists()
+
+
+def test_data_the_method_does_not_read_is_named_in_one_line(chat_pair, tmp_path):
+    """asft reads neither safety nor task data: a user who passes them is told they were not used."""
+    data = tmp_path / "task.jsonl"
+    data.write_text(json.dumps({"prompt": "what is two plus two", "response": "four"}) + "\n")
+    ran = run_deltafix("repair", "--base", chat_pair["A"], "--finetuned", chat_pair["F"], "--out", tmp_path / "R",
+                       "--method", "asft", "--unaligned", chat_pair["P"], "--utility-data", data,
+                       "--safety-template", "reference", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.strip().splitlines() == [
+        "deltafix: asft does not read --safety-template or --utility-data; they were not used."]

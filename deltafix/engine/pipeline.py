@@ -212,6 +212,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     if opts.dry_run:
         result.memory = estimate_dry_run(opts, method, inputs, plan, pieces, result.output_kind)
         result.peak_estimate_bytes = result.memory.peak_bytes
+        _say_what_the_method_does_not_read(opts, method)
         return result
 
     remove_stale(opts.out)
@@ -220,6 +221,7 @@ def run_repair(opts: RepairOptions) -> RepairResult:
     for reader in inputs.readers.values():
         reader.close()
     result.written = True
+    _say_what_the_method_does_not_read(opts, method)  # after success only: a refusal stays one error line
     return result
 
 
@@ -302,6 +304,19 @@ def check_input_hashes(opts: RepairOptions, inputs: Inputs, digests: dict[Path, 
 
 SCREEN_NOTE_SHARE = 0.25
 """Above this share of the picked conversations left out, the screen says so: A may be refusing the task."""
+
+
+def _say_what_the_method_does_not_read(opts: RepairOptions, method: Method) -> None:
+    """One stderr line naming the data flags given that this method (and run) never reads: a user who
+    passes --utility-data to asft should not believe their task data shaped the repair."""
+    unused = [flag for flag, given, read in (
+        ("--safety-data", opts.safety_data is not None, method.needs_hessian),
+        ("--safety-template", opts.safety_template != DEFAULT_SAFETY_TEMPLATE, method.needs_hessian),
+        ("--utility-data", opts.utility_data is not None, method.needs_utility or opts.front),
+    ) if given and not read]
+    if unused:
+        print(f"deltafix: {method.name} does not read {' or '.join(unused)}; "
+              f"{'it was' if len(unused) == 1 else 'they were'} not used.", file=sys.stderr)
 
 
 def _say_what_the_screen_left_out(hessians: Hessians) -> None:

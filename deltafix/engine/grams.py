@@ -56,6 +56,7 @@ class Hessians:
     sequential: SequentialInputs | None = None
     utility_set: CalibrationSet | None = None
     safety_template: SafetyTemplate = DEFAULT_SAFETY_TEMPLATE
+    """The system prompts the safety set was shown under (its ``CalibrationSet.template``), for the report."""
 
     def close(self) -> None:
         for store in (self.safety, self.utility):
@@ -120,9 +121,9 @@ def method_hessians(method: Method, params: MethodParams, aligned: Path, finetun
     if method.sequential is not None and method.sequential.enabled(params):
         assert user_set is not None
         return Hessians(sequential=SequentialInputs(aligned, finetuned_model, adapter, safety_set, user_set, device),
-                        utility_set=user_set, safety_template=safety_template)
+                        utility_set=user_set, safety_template=safety_set.template)
     hessians = Hessians(safety=hessians_for(aligned, safety_set, cache_dir=cache_dir, no_cache=no_cache,
-                                            device=device), safety_template=safety_template)
+                                            device=device), safety_template=safety_set.template)
     if user_set is not None:
         hessians.utility = hessians_for(finetuned_model, user_set, cache_dir=cache_dir, no_cache=no_cache,
                                         device=device, source=adapter)

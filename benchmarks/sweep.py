@@ -61,9 +61,9 @@ def main() -> None:
     bed = build_real_testbed(progress=False) if opts.real else build_testbed(progress=False)
     out = opts.out or Path(tempfile.mkdtemp(prefix="deltafix-sweep-"))
     overrides = parse_sets(opts.fixed)
+    bed_name = "real" if opts.real else "toy"
     for method in opts.methods:
         fixed = "".join(f", {s}" for s in opts.fixed)
-        bed_name = "real" if opts.real else "toy"
         print(f"\n## {method} on the {bed_name} testbed's {opts.finetuned}{fixed}, "
               f"safety template {opts.safety_template}\n")
         print("| setting | ASR | benign help | task acc | seconds |\n|---|---|---|---|---|")

@@ -184,7 +184,8 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     values = {**(overrides or {}), **params}
     kw = {"base": base, "finetuned": finetuned, "unaligned": unaligned, "unaligned_kind": unaligned_kind,
           "safety_data": safety_data, "safety_template": safety_template, "utility_data": utility_data,
-          "utility_samples": utility_samples, "screen_utility": screen_utility, "device": device, "dtype": dtype, "out_shard_size": out_shard_size,
+          "utility_samples": utility_samples, "screen_utility": screen_utility, "device": device, "dtype": dtype,
+          "out_shard_size": out_shard_size,
           "allow_nonfinite": allow_nonfinite, "allow_pickle": allow_pickle, "as_full": as_full, "as_lora": as_lora,
           "front": front}
     if given is None:
@@ -206,7 +207,8 @@ def repair(base: PathLike | None = None, finetuned: PathLike | None = None, out:
     result = run_repair(RepairOptions(
         base=str(kw["base"]), finetuned=str(kw["finetuned"]), out=Path(out), method=name, params=method_params,
         unaligned=_ref(kw["unaligned"]), unaligned_kind=kw["unaligned_kind"], safety_data=_path(kw["safety_data"]),
-        safety_template=kw["safety_template"], utility_data=_path(kw["utility_data"]), utility_samples=kw["utility_samples"],
+        safety_template=kw["safety_template"], utility_data=_path(kw["utility_data"]),
+        utility_samples=kw["utility_samples"],
         screen_utility=kw["screen_utility"], device=kw["device"], dtype=kw["dtype"],
         shard_size=_shard_bytes(kw["out_shard_size"]), overwrite=overwrite, dry_run=dry_run,
         allow_nonfinite=kw["allow_nonfinite"], allow_pickle=kw["allow_pickle"], as_full=kw["as_full"],
@@ -368,7 +370,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None = None, method: str | None = None,
          unaligned: PathLike | None = None, unaligned_kind: str | None = None, safety_data: PathLike | None = None,
-         safety_template: str = DEFAULT_SAFETY_TEMPLATE, utility_data: PathLike | None = None, utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
+         safety_template: str = DEFAULT_SAFETY_TEMPLATE, utility_data: PathLike | None = None,
+         utility_samples: int = UTILITY_SAMPLES, screen_utility: bool = True,
          recipe: PathLike | None = None, device: str = DEVICE, dtype: str = DTYPE,
          out_shard_size: int | str = OUT_SHARD_SIZE, overwrite: bool = False, allow_nonfinite: bool = False,
          allow_pickle: bool = False, gate: bool = False, max_asr: float = DEFAULT_MAX_ASR,
@@ -417,7 +420,8 @@ def push(base: PathLike, finetuned: PathLike, push: str, *, out: PathLike | None
         base=str(base), finetuned=str(finetuned), out=Path(out) if out is not None else default_out(push),
         method=name, params=method_params, unaligned=_ref(unaligned), unaligned_kind=unaligned_kind,
         safety_data=_path(safety_data), safety_template=safety_template, utility_data=_path(utility_data),
-        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, shard_size=_shard_bytes(out_shard_size),
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,
+        shard_size=_shard_bytes(out_shard_size),
         overwrite=overwrite or out is None, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         command=command or _call("push", base, finetuned, push, method=name, **values), progress=progress,
     )

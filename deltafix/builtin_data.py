@@ -13,4 +13,6 @@ HARMFUL_TUNE = DATA_DIR / "harmful_tune.jsonl"
 HARMFUL_EVAL = DATA_DIR / "harmful_eval.jsonl"
 BENIGN_EVAL = DATA_DIR / "benign_eval.jsonl"
 BENIGN_TRAIN = DATA_DIR / "benign_train.jsonl"
-"""Benign requests with answers, mixed into ReinforceLoRA's training."""
+"""Helpful answers to everyday requests, for training only (mixed into ReinforceLoRA's data): their
+topics are kept apart from ``benign_eval.jsonl`` so that a model trained on them is not scored on
+what it learned."""

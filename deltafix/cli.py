@@ -230,7 +230,8 @@ def repair(
     data = api.repair(
         base, finetuned, out, method=method, recipe=recipe, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, safety_template=safety_template, utility_data=utility_data,
-        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        utility_samples=utility_samples, screen_utility=screen_utility, device=device, dtype=dtype,
+        out_shard_size=out_shard_size,
         overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
         as_full=as_full, as_lora=as_lora, no_cache=no_cache,
         cache_dir=cache_dir, front=front, columns=columns, overrides=parse_sets(set_), progress=not as_json, echo=say,
@@ -344,7 +345,8 @@ def hub(
     result = api.push(
         base, finetuned, push, out=out, method=method, unaligned=unaligned, unaligned_kind=unaligned_kind,
         safety_data=safety_data, safety_template=safety_template, utility_data=utility_data,
-        utility_samples=utility_samples, screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype, out_shard_size=out_shard_size,
+        utility_samples=utility_samples, screen_utility=screen_utility, recipe=recipe, device=device, dtype=dtype,
+        out_shard_size=out_shard_size,
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, gate=gate, max_asr=max_asr,
         min_benign_help=DEFAULT_MIN_BENIGN_HELP if min_benign_help is None else min_benign_help,
         max_utility_drop=max_utility_drop, harmful=harmful, benign=benign, utility=utility, answers=answers,

@@ -280,8 +280,9 @@ def test_push_target_must_be_a_repo_id(hub: dict[str, Any], capsys: pytest.Captu
     assert not hub["out"].exists()
 
 
-def test_an_unknown_safety_template_stops_before_any_download(hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_safety_template_stops_before_any_download(
+        hub: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     online(monkeypatch)
     empty = tmp_path / "empty-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(empty))

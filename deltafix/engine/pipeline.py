@@ -487,7 +487,8 @@ def _write_provenance(tmp: Path, report: dict[str, Any], method: Method, opts: R
                 for role, ref in refs.items() if ref is not None}
     run = RecipeRun(device=str(resolve_device(opts.device)), dtype=opts.dtype, out_shard_size=opts.shard_size,
                     utility_samples=opts.utility_samples, screen_utility=opts.screen_utility,
-                    safety_template=opts.safety_template, unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
+                    safety_template=opts.safety_template,
+                    unaligned_kind=report["inputs"].get("unaligned", {}).get("kind"),
                     allow_nonfinite=opts.allow_nonfinite, allow_pickle=opts.allow_pickle, as_full=opts.as_full,
                     as_lora=opts.as_lora, front=opts.front)
     recipe = recipe_yaml(method.name, opts.params, inputs=recorded, data=inputs.data, run=run)

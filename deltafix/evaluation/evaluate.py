@@ -30,15 +30,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from deltafix.builtin_data import BENIGN_EVAL, HARMFUL_EVAL
 from deltafix.env import resolve_device
 from deltafix.errors import InputError, OutputError, reason
 from deltafix.evaluation.data import PathLike, UtilityItems, load_prompts, load_utility
-from deltafix.builtin_data import BENIGN_EVAL, HARMFUL_EVAL
 from deltafix.evaluation.judges import describe
 from deltafix.io.lora import parse_adapter_config
 from deltafix.io.writer import atomic_file
 from deltafix.options import DEVICE, EVAL_BATCH_SIZE, EVAL_MAX_NEW_TOKENS
-
 
 # Phrases that open (or make up) a refusal in common chat models; matched case-insensitively
 # anywhere in the answer (as in the keyword judge of Zou et al. 2023), curly quotes folded.
